@@ -1,0 +1,110 @@
+"""Argument checks shared by the ops: every error names the op, the argument, what was expected
+and what came.
+
+Value checks (ids in range) read the data. On a CPU tensor that is free; on a GPU they are
+queued as a device-side assertion, so they never synchronise with the host; while torch.compile
+traces they are skipped (there is no data to read).
+"""
+from collections.abc import Iterable
+
+import torch
+
+ID_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"a {t.dim()}-D {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def check_tensor(op: str, name: str, t, dims: str, *, dtypes: Iterable[torch.dtype] | None = None) -> None:
+    """`t` is a tensor with one dimension per letter group of `dims` ("T, E") and, if given, one
+    of `dtypes`."""
+    names = [d.strip() for d in dims.split(",")] if dims else []
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor [{dims}]; got {type(t).__name__}")
+    if t.dim() != len(names):
+        raise ValueError(f"{op}: {name} must be a {len(names)}-D tensor [{dims}]; got {_describe(t)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise TypeError(f"{op}: {name} must be {allowed}; got {_describe(t)}")
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    """`t.shape[dim] == expected`, where `what` says where `expected` came from."""
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{op}: {name} must have size {expected} in dimension {dim} ({what}); got shape {tuple(t.shape)}"
+        )
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; all tensors must share one device"
+            )
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} is {str(t.dtype).removeprefix('torch.')} but {first_name} is "
+                f"{str(first.dtype).removeprefix('torch.')}; they must have the same dtype"
+            )
+
+
+def check_int(op: str, name: str, value, lo: int, hi: int | None = None, why: str = "") -> None:
+    """`lo <= value <= hi` for a Python int (bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int; got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{op}: {name} must be {bound}{why}; got {value}")
+
+
+def check_choice(op: str, name: str, value, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_ids(op: str, name: str, ids: torch.Tensor, num_experts: int) -> None:
+    """Expert ids are int32/int64 and lie in [0, num_experts)."""
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must hold int32 or int64 expert ids; got {str(ids.dtype).removeprefix('torch.')}"
+        )
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    message = f"{op}: {name} must hold expert ids in [0, {num_experts})"
+    if ids.device.type == "cpu":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{message}; got ids from {lo} to {hi}")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), message)
+
+
+def check_plan(op: str, plan, num_tokens: int) -> int:
+    """A DispatchPlan for `num_tokens` tokens; returns K (1 when there are no tokens, so that a
+    kernel can always divide by it)."""
+    for field in ("row_to_slot_N", "slot_to_row_N"):
+        t = getattr(plan, field)
+        check_tensor(op, f"plan.{field}", t, "N", dtypes=ID_DTYPES)
+    N = plan.row_to_slot_N.shape[0]
+    check_dim(op, "plan.slot_to_row_N", plan.slot_to_row_N, 0, N, "as long as plan.row_to_slot_N")
+    if num_tokens == 0:
+        if N != 0:
+            raise ValueError(f"{op}: the plan routes {N} rows but there are no tokens")
+        return 1
+    if N % num_tokens != 0 or N == 0:
+        raise ValueError(f"{op}: the plan's {N} rows are not K per token for {num_tokens} tokens (N must be T*K)")
+    return N // num_tokens

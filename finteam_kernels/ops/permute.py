@@ -1,0 +1,95 @@
+"""permute: copy each token's row once per expert it chose, grouped by expert.
+
+Shape legend: T tokens, H hidden, K top-k, N = T*K routed rows.
+  forward   x_NH[r] = x_TH[row_to_slot[r] // K]
+  backward  dx_TH[t] = sum_j dx_NH[slot_to_row[t*K + j]]  (a gather-sum: deterministic, no atomics)
+"""
+import torch
+
+from .. import _checks, reference
+from .._backend import kernel, pick_backend
+from .._types import DispatchPlan
+from ._triton import cdiv, device_guard, row_block
+
+
+def permute_fwd(x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Triton launcher of the forward gather."""
+    from .rows_kernels import _gather_rows_kernel
+
+    N, H = row_to_slot_N.shape[0], x_TH.shape[1]
+    x_NH = x_TH.new_empty((N, H))
+    if N == 0 or H == 0:
+        return x_NH
+    block = row_block(H)
+    with device_guard(x_TH):
+        _gather_rows_kernel[(N, cdiv(H, block))](
+            x_TH, row_to_slot_N, x_TH, x_NH,
+            H, x_TH.stride(0), x_TH.stride(1), x_NH.stride(0),
+            INDEX_DIV=top_k, HAS_SCALE=False, BLOCK_H=block,
+        )
+    return x_NH
+
+
+def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Triton launcher of the backward gather-sum."""
+    from .rows_kernels import _combine_rows_kernel
+
+    N, H = grad_NH.shape
+    T = N // top_k
+    grad_TH = grad_NH.new_empty((T, H))
+    if T == 0 or H == 0:
+        return grad_TH
+    block = row_block(H)
+    with device_guard(grad_NH):
+        _combine_rows_kernel[(T, cdiv(H, block))](
+            grad_NH, slot_to_row_N, grad_NH, grad_TH,
+            H, top_k, grad_NH.stride(0), grad_NH.stride(1), grad_TH.stride(0),
+            HAS_WEIGHTS=False, BLOCK_H=block,
+        )
+    return grad_TH
+
+
+@torch.library.custom_op("finteam::permute", mutates_args=())
+def _permute(
+    x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, backend: str
+) -> torch.Tensor:
+    return kernel("permute_fwd", backend, permute_fwd)(x_TH, row_to_slot_N, top_k)
+
+
+@_permute.register_fake
+def _(x_TH, row_to_slot_N, slot_to_row_N, top_k, backend):
+    return x_TH.new_empty((row_to_slot_N.shape[0], x_TH.shape[1]))
+
+
+@torch.library.custom_op("finteam::permute_backward", mutates_args=())
+def _permute_backward(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, backend: str) -> torch.Tensor:
+    return kernel("permute_bwd", backend, permute_bwd)(grad_NH, slot_to_row_N, top_k)
+
+
+@_permute_backward.register_fake
+def _(grad_NH, slot_to_row_N, top_k, backend):
+    return grad_NH.new_empty((grad_NH.shape[0] // top_k, grad_NH.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, slot_to_row_N, ctx.top_k, ctx.backend = inputs
+    ctx.save_for_backward(slot_to_row_N)
+
+
+def _backward(ctx, grad_NH):
+    (slot_to_row_N,) = ctx.saved_tensors
+    return _permute_backward(grad_NH, slot_to_row_N, ctx.top_k, ctx.backend), None, None, None, None
+
+
+_permute.register_autograd(_backward, setup_context=_setup_context)
+
+
+def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = None) -> torch.Tensor:
+    """x_NH: each token's row once per expert it chose, in the plan's expert-grouped order."""
+    _checks.check_tensor("permute", "x_TH", x_TH, "T, H", dtypes=_checks.FLOAT_DTYPES)
+    top_k = _checks.check_plan("permute", plan, num_tokens=x_TH.shape[0])
+    _checks.check_same_device("permute", x_TH=x_TH, row_to_slot_N=plan.row_to_slot_N)
+    name = pick_backend(backend, x_TH.device, "permute")
+    if name == "reference":
+        return reference.permute(x_TH, plan)
+    return _permute(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, name)
