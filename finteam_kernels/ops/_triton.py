@@ -1,6 +1,7 @@
 """What the Triton launchers share: interpreter handling, block sizes, autotune switch."""
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -34,3 +35,20 @@ def device_guard(t: torch.Tensor):
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class AotSpec(NamedTuple):
+    """One kernel and config to compile ahead of time for real GPUs (see `ops/_aot.py`).
+
+    Every `*_kernels.py` module lists its kernels in `aot_specs()`: each kernel with each config
+    it can be launched with (every autotune config, and each constexpr variant that changes the
+    code, e.g. HAS_WEIGHTS on and off), with the dtypes it is used with.
+    """
+
+    name: str  # readable id, e.g. "gather_rows[bf16,HAS_SCALE=1]"
+    fn: object  # the @triton.jit function (for an autotuned kernel, its `.fn`)
+    signature: dict  # argument -> "*bf16", "*fp32", "*i32", "i32", "i64", "fp32" or "constexpr"
+    constexprs: dict  # constexpr argument -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    hot: bool = True  # on the hot path: must compile without register spills

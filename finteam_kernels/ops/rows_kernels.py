@@ -55,3 +55,24 @@ def _combine_rows_kernel(
             values = values * tl.load(weight_ptr + slot).to(tl.float32)
         acc += values
     tl.store(out_ptr + token * stride_out_row + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def aot_specs():
+    from ._triton import AotSpec
+
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        for has_scale in (False, True):
+            specs.append(AotSpec(
+                f"gather_rows[{dtype},HAS_SCALE={int(has_scale)}]", _gather_rows_kernel,
+                {"src_ptr": f"*{dtype}", "index_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                 "H": "i32", "stride_src_row": "i64", "stride_src_h": "i64", "stride_out_row": "i64",
+                 "INDEX_DIV": "constexpr", "HAS_SCALE": "constexpr", "BLOCK_H": "constexpr"},
+                {"INDEX_DIV": 2, "HAS_SCALE": has_scale, "BLOCK_H": 1024}))
+            specs.append(AotSpec(
+                f"combine_rows[{dtype},HAS_WEIGHTS={int(has_scale)}]", _combine_rows_kernel,
+                {"src_ptr": f"*{dtype}", "index_ptr": "*i32", "weight_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                 "H": "i32", "K": "i32", "stride_src_row": "i64", "stride_src_h": "i64", "stride_out_row": "i64",
+                 "HAS_WEIGHTS": "constexpr", "BLOCK_H": "constexpr"},
+                {"HAS_WEIGHTS": has_scale, "BLOCK_H": 1024}))
+    return specs
