@@ -1,0 +1,137 @@
+"""transformers integration: run the experts of transformers' own MoE models on finteam_kernels.
+
+transformers 5 stores the experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (and many more) as
+3-D tensors, `gate_up_proj [E, 2I, H]` (gate rows, then up rows) and `down_proj [E, H, I]`, and
+looks their forward up by name in `transformers.integrations.moe.ExpertsInterface`. Importing
+this module registers "finteam" there, so
+
+    AutoModelForCausalLM.from_pretrained(path, experts_implementation="finteam")
+
+runs every experts module on `finteam_kernels.moe_experts`, sharing the weights (no copies, same
+checkpoint layout). Routers stay transformers' own, and so does the `output_router_logits` loss.
+`patch(model)` switches a model that is already loaded.
+
+Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
+
+Only experts that `moe_experts` computes exactly are accepted: gated (GLU), concatenated
+gate/up, untransposed, bias-free, no post-expert norm, transformers' default gate, an activation
+of the table below, and no expert-parallel sentinel ids. Anything else is refused with an error
+naming the module and the property, never computed approximately.
+"""
+import torch
+from torch import nn
+from transformers import activations
+from transformers.integrations.moe import ExpertsInterface
+
+from .ops.moe_experts import moe_experts
+
+NAME = "finteam"
+
+# The activation module transformers built from `config.hidden_act`, mapped to moe_experts'
+# names. Each entry computes the same function: the tanh-approximated GELUs differ only in
+# rounding.
+_ACTIVATIONS = {
+    activations.SiLUActivation: "silu",
+    nn.SiLU: "silu",
+    activations.GELUActivation: "gelu",
+    activations.GELUTanh: "gelu_tanh",
+    activations.NewGELUActivation: "gelu_tanh",
+    activations.FastGELUActivation: "gelu_tanh",
+    activations.AccurateGELUActivation: "gelu_tanh",
+}
+
+# Flags that transformers' `use_experts_implementation` sets on an experts module, with the value
+# moe_experts needs and what the other value would mean.
+_REQUIRED_FLAGS = (
+    ("has_gate", True, "non-gated experts (up_proj only)"),
+    ("has_bias", False, "biased experts"),
+    ("is_transposed", False, "transposed weights ([E, H, 2I])"),
+    ("is_concatenated", True, "interleaved gate/up rows"),
+    ("has_post_expert_norm", False, "a norm after each expert"),
+    ("_is_expert_parallel", False, "transformers' expert parallelism (sentinel expert ids)"),
+)
+
+
+def is_hf_experts(module: nn.Module) -> bool:
+    """True for an experts module made by transformers' `use_experts_implementation`."""
+    return hasattr(module, "has_gate") and hasattr(module, "_is_expert_parallel") and hasattr(module, "config")
+
+
+def activation_of(experts: nn.Module) -> str:
+    """moe_experts' name for the activation of a transformers experts module, after checking that
+    moe_experts computes that module exactly; raises ValueError naming what is not supported."""
+    where = f"finteam experts: {type(experts).__name__}"
+    for flag, needed, meaning in _REQUIRED_FLAGS:
+        if getattr(experts, flag, needed) != needed:
+            raise ValueError(f"{where} has {meaning} ({flag}={not needed}), which finteam_kernels does not support")
+    # A model that overrides the gate (clamping, a different GLU) would be computed wrongly.
+    if getattr(type(experts)._apply_gate, "__qualname__", "") != "_default_apply_gate":
+        raise ValueError(f"{where} has its own _apply_gate, which finteam_kernels does not support")
+    # By exact type: a subclass may compute something else.
+    name = _ACTIVATIONS.get(type(getattr(experts, "act_fn", None)))
+    if name is None:
+        hidden_act = getattr(experts.config, "hidden_act", "?")
+        raise ValueError(
+            f"{where} uses activation {type(getattr(experts, 'act_fn', None)).__name__} (hidden_act={hidden_act!r}); "
+            "finteam_kernels supports SwiGLU (silu, swish) and GeGLU (gelu, gelu_python, gelu_pytorch_tanh, "
+            "gelu_python_tanh, gelu_new, gelu_fast, gelu_accurate)"
+        )
+    for param, dims in (("gate_up_proj", 3), ("down_proj", 3)):
+        w = getattr(experts, param, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != dims:
+            raise ValueError(f"{where}.{param} must be a {dims}-D tensor; got {type(w).__name__}")
+    return name
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device`, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def finteam_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts forward that transformers calls for experts_implementation="finteam":
+    hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
+    activation = activation_of(self)
+    x_TH, w_gate_up_E2IH, w_down_EHI = hidden_states, self.gate_up_proj, self.down_proj
+    # Autocast does not reach into custom ops: cast as it would cast the eager path's F.linear.
+    dtype = autocast_dtype(hidden_states.device) or w_gate_up_E2IH.dtype
+    x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (x_TH, w_gate_up_E2IH, w_down_EHI))
+    out_TH = moe_experts(
+        x_TH, top_k_index, top_k_weights, w_gate_up_E2IH, w_down_EHI, activation,
+        backend=getattr(self, "finteam_backend", None),
+    )
+    return out_TH.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Make "finteam" a valid `experts_implementation` (idempotent)."""
+    ExpertsInterface.register(NAME, finteam_experts_forward)
+
+
+def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Run every transformers experts module of `model` on finteam_kernels; returns `model`.
+
+    `backend` is passed to `moe_experts` (None: $FINTEAM_BACKEND, else "auto"). Every experts
+    module is checked before anything is switched, so a refused model is left as it was.
+    """
+    register()
+    experts = [m for m in model.modules() if is_hf_experts(m)]
+    if not experts:
+        raise ValueError(f"finteam_kernels.hf.patch: {type(model).__name__} has no transformers experts module to patch")
+    for module in experts:
+        activation_of(module)
+    for module in experts:
+        module.finteam_backend = backend
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(NAME)
+    for module in experts:
+        # A bare block, or a sub-model whose class set_experts_implementation skips.
+        module.config._experts_implementation_internal = NAME
+    return model
+
+
+register()
