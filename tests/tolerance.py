@@ -16,13 +16,15 @@ def _scale(t: torch.Tensor) -> float:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, baseline: torch.Tensor | None = None,
-                 factor: float = 2.0, name: str = "result") -> float:
+                 factor: float = 2.0, name: str = "result", computed_in: torch.dtype | None = None) -> float:
     """Check `actual` against `expected` (fp32 or better); return the largest error relative to
     the largest |expected| (what the closing notes report).
 
     `baseline` is the same computation in plain PyTorch at `actual`'s precision; it is required
-    when `actual` is fp16/bf16.
+    when `actual` is fp16/bf16. `computed_in` names the precision of a result stored wider than it
+    was computed (an fp32 loss from bf16 logits, fp32 gradients under bf16 autocast).
     """
+    dtype = computed_in or actual.dtype
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if not actual.dtype.is_floating_point:
         assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
@@ -33,14 +35,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, baseline: torc
         return 0.0
     scale = _scale(expected)
     err = float((actual.double() - expected.double()).abs().max())
-    if actual.dtype in _TIGHT:
-        tol = _TIGHT[actual.dtype] * (1.0 + scale)
-        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} ({actual.dtype})"
+    if dtype in _TIGHT:
+        tol = _TIGHT[dtype] * (1.0 + scale)
+        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} ({dtype})"
     else:
-        assert baseline is not None, f"{name}: a {actual.dtype} result needs a plain-PyTorch baseline"
+        assert baseline is not None, f"{name}: a {dtype} result needs a plain-PyTorch baseline"
         base = float((baseline.double() - expected.double()).abs().max())
-        ulp = torch.finfo(actual.dtype).eps * scale
+        ulp = torch.finfo(dtype).eps * scale
         tol = factor * base + ulp
-        assert err <= tol, (f"{name}: max error {err:.3e} > {factor} x PyTorch's own {actual.dtype} error "
+        assert err <= tol, (f"{name}: max error {err:.3e} > {factor} x PyTorch's own {dtype} error "
                             f"{base:.3e} + ulp {ulp:.3e}")
     return err / scale if scale else err
