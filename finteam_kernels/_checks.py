@@ -108,3 +108,20 @@ def check_plan(op: str, plan, num_tokens: int) -> int:
     if N % num_tokens != 0 or N == 0:
         raise ValueError(f"{op}: the plan's {N} rows are not K per token for {num_tokens} tokens (N must be T*K)")
     return N // num_tokens
+
+
+def check_offsets(op: str, name: str, offsets: torch.Tensor, num_experts: int, num_rows: int) -> None:
+    """Expert offsets: an int64 [E+1] tensor that starts at 0, never decreases and ends at the
+    row count (read on a CPU tensor, a device-side assertion on a GPU, skipped while compiling)."""
+    check_tensor(op, name, offsets, "E+1", dtypes=(torch.int64,))
+    check_dim(op, name, offsets, 0, num_experts + 1, "E+1, one more than the number of experts")
+    if torch.compiler.is_compiling():
+        return
+    message = f"{op}: {name} must start at 0, never decrease and end at {num_rows} (the number of rows)"
+    valid = (offsets[0] == 0) & (offsets[-1] == num_rows) & (offsets.diff() >= 0).all()
+    if offsets.device.type == "cpu":
+        if not bool(valid):
+            shown = offsets.tolist() if offsets.numel() <= 10 else f"{offsets[:5].tolist()} ... {offsets[-5:].tolist()}"
+            raise ValueError(f"{message}; got {shown}")
+    else:
+        torch._assert_async(valid, message)
