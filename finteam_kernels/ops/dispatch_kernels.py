@@ -1,0 +1,164 @@
+"""Triton kernels of dispatch: a stable counting sort of the T*K routed slots by expert.
+
+Shape legend: T tokens, E experts, K top-k, N = T*K routed slots (and rows); B = cdiv(N, BLOCK_N)
+blocks of consecutive slots.
+
+The sort is the classic three-pass, one-digit radix sort (a block histogram, a scan, a scatter),
+so it never synchronises with the host and every buffer is sized by N and E alone:
+
+  1. `_count_kernel`  one program per block: hist_BE[b, e] = slots of block b routed to e.
+  2. `_scan_kernel`   one program per chunk of experts: hist_BE[b, e] becomes the exclusive
+                      prefix over blocks (slots of e in blocks before b), and the column total is
+                      tokens_per_expert_E[e].
+  3. `_place_kernel`  one program per block: the slot at position i of block b, routed to e, goes
+                      to row offsets[e] + prefix[b, e] + (earlier slots of the block routed to e),
+                      which keeps slot order inside each expert (stable, hence deterministic).
+
+Expert ids index a vector of E_PAD = a power of two >= E lanes, so E is bounded by what one
+program holds (MAX_EXPERTS). Padding slots past N in the last block read as the last lane, are
+subtracted from its count and never stored.
+"""
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+MAX_EXPERTS = 4096
+SCAN_BLOCK_B = 64
+SCAN_BLOCK_E = 32
+
+
+class Blocking(NamedTuple):
+    block_n: int  # slots per block: the rank costs BLOCK_N compares per slot, the table E/BLOCK_N per slot
+    rank_chunk: int  # slots compared at once: a [BLOCK_N, RANK_CHUNK] tile in registers
+    num_warps: int
+
+
+GPU_BLOCKING = Blocking(256, 32, 8)  # about 100 registers, no spills, up to E_PAD = 4096
+# The interpreter pays per operation, not per element: whole-block compares on bigger blocks run
+# it about ten times faster. Tests also run GPU_BLOCKING, so both are checked.
+INTERPRETER_BLOCKING = Blocking(512, 512, 8)
+
+
+def expert_lanes(num_experts: int) -> int:
+    """E_PAD: the power of two of lanes a program uses for the experts (at least 32, so that few
+    variants get compiled)."""
+    return max(32, 1 << (num_experts - 1).bit_length())
+
+
+@triton.jit
+def _block_ids(ids_ptr, block, N, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
+    """The expert ids (int32) of the slots of `block`, E_PAD - 1 for padding slots; their
+    positions in the block; and how many are real."""
+    start = block.to(tl.int64) * BLOCK_N
+    local = tl.arange(0, BLOCK_N)
+    ids = tl.load(ids_ptr + start + local, mask=start + local < N, other=E_PAD - 1).to(tl.int32)
+    return ids, local, tl.minimum(N - start, BLOCK_N).to(tl.int32)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, hist_ptr, N, E, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
+    """hist_BE[b, e] (int32, [B, E] contiguous) = slots of block b routed to expert e.
+
+    ids: [N] contiguous int32/int64 in [0, E). One read of the ids, one write of B*E counts.
+    """
+    block = tl.program_id(0)
+    ids, _, num_valid = _block_ids(ids_ptr, block, N, BLOCK_N, E_PAD)
+    lanes = tl.arange(0, E_PAD)
+    hist = tl.histogram(ids, E_PAD) - tl.where(lanes == E_PAD - 1, BLOCK_N - num_valid, 0)
+    tl.store(hist_ptr + block.to(tl.int64) * E + lanes, hist, mask=lanes < E)
+
+
+@triton.jit
+def _scan_kernel(hist_ptr, counts_ptr, num_blocks, E, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """In place, per expert e: hist_BE[b, e] -> sum of hist_BE[b', e] over b' < b; and
+    counts_E[e] = the sum over all blocks (int32: at most N < 2**31).
+
+    One program per BLOCK_E experts walks down the B blocks in tiles of BLOCK_B, carrying the
+    running sum: one read and one write of the B*E table, which is at most N*E/BLOCK_N entries.
+    """
+    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    carry = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, num_blocks, BLOCK_B):
+        blocks = start + tl.arange(0, BLOCK_B).to(tl.int64)
+        mask = (blocks[:, None] < num_blocks) & (experts[None, :] < E)
+        ptrs = hist_ptr + blocks[:, None] * E + experts[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=mask)
+        carry += tl.sum(tile, axis=0)
+    tl.store(counts_ptr + experts, carry, mask=experts < E)
+
+
+@triton.jit
+def _rank_in_block(ids_ptr, ids, local, start, N, BLOCK_N: tl.constexpr, RANK_CHUNK: tl.constexpr):
+    """For each slot of the block, how many earlier slots of the block chose the same expert.
+
+    Compares the block's ids with RANK_CHUNK of them at a time (re-read from L1): BLOCK_N
+    compares per slot, which is why blocks are small; a sort would be O(log^2) per slot but needs
+    shuffles and runs two orders of magnitude slower in the interpreter.
+    """
+    rank = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for chunk in range(0, BLOCK_N, RANK_CHUNK):
+        others = chunk + tl.arange(0, RANK_CHUNK)
+        other_ids = tl.load(ids_ptr + start + others, mask=start + others < N, other=-1).to(tl.int32)
+        same = (ids[:, None] == other_ids[None, :]) & (others[None, :] < local[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    return rank
+
+
+@triton.jit
+def _place_kernel(
+    ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, row_to_slot_ptr, slot_to_row_ptr,
+    N, E, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr, RANK_CHUNK: tl.constexpr,
+):
+    """row_to_slot_N[row] = slot and slot_to_row_N[slot] = row for the slots of one block; program
+    0 also writes expert_offsets_E1 (int64, starting at 0).
+
+    The slot's row is offsets[e] + prefix_BE[b, e] + its rank among the block's slots of e.
+    prefix_BE is `_scan_kernel`'s output and counts_E its totals; each program re-derives the
+    expert offsets (a scan over E_PAD lanes) rather than waiting on a fourth launch. Cost: BLOCK_N
+    compares per slot, O(E_PAD) lane work per block, and 4-byte stores: the slots' contiguous,
+    the rows' in runs of one expert.
+    """
+    block = tl.program_id(0)
+    start = block.to(tl.int64) * BLOCK_N
+    ids, local, num_valid = _block_ids(ids_ptr, block, N, BLOCK_N, E_PAD)
+    lanes = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + lanes, mask=lanes < E, other=0)
+    ends = tl.cumsum(counts, axis=0)
+    prefix = tl.load(prefix_ptr + block.to(tl.int64) * E + lanes, mask=lanes < E, other=0)
+    base = ends - counts + prefix
+    rows = tl.gather(base, ids, 0) + _rank_in_block(ids_ptr, ids, local, start, N, BLOCK_N, RANK_CHUNK)
+    real = local < num_valid
+    tl.store(slot_to_row_ptr + start + local, rows, mask=real)
+    tl.store(row_to_slot_ptr + rows, (start + local).to(tl.int32), mask=real)
+    if block == 0:
+        tl.store(offsets_ptr + 1 + lanes, ends.to(tl.int64), mask=lanes < E)
+        tl.store(offsets_ptr, tl.zeros([], dtype=tl.int64))
+
+
+def aot_specs():
+    from ._triton import AotSpec
+
+    block_n, rank_chunk, num_warps = GPU_BLOCKING
+    specs = []
+    lanes = sorted({expert_lanes(e) for e in range(1, MAX_EXPERTS + 1)})
+    for ids in ("i32", "i64"):
+        for e_pad in lanes:
+            specs.append(AotSpec(
+                f"dispatch_count[ids={ids},E_PAD={e_pad}]", _count_kernel,
+                {"ids_ptr": f"*{ids}", "hist_ptr": "*i32", "N": "i32", "E": "i32",
+                 "BLOCK_N": "constexpr", "E_PAD": "constexpr"},
+                {"BLOCK_N": block_n, "E_PAD": e_pad}, num_warps=num_warps))
+            specs.append(AotSpec(
+                f"dispatch_place[ids={ids},E_PAD={e_pad}]", _place_kernel,
+                {"ids_ptr": f"*{ids}", "prefix_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i64",
+                 "row_to_slot_ptr": "*i32", "slot_to_row_ptr": "*i32", "N": "i32", "E": "i32",
+                 "BLOCK_N": "constexpr", "E_PAD": "constexpr", "RANK_CHUNK": "constexpr"},
+                {"BLOCK_N": block_n, "E_PAD": e_pad, "RANK_CHUNK": rank_chunk}, num_warps=num_warps))
+    specs.append(AotSpec(
+        "dispatch_scan", _scan_kernel,
+        {"hist_ptr": "*i32", "counts_ptr": "*i32", "num_blocks": "i32", "E": "i32",
+         "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
+        {"BLOCK_B": SCAN_BLOCK_B, "BLOCK_E": SCAN_BLOCK_E}))
+    return specs
