@@ -23,9 +23,9 @@ def permute_fwd(x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, top_k: int) -> 
     block = row_block(H)
     with device_guard(x_TH):
         _gather_rows_kernel[(N, cdiv(H, block))](
-            x_TH, row_to_slot_N, x_TH, x_NH,
+            x_TH, row_to_slot_N, x_NH,
             H, x_TH.stride(0), x_TH.stride(1), x_NH.stride(0),
-            INDEX_DIV=top_k, HAS_SCALE=False, BLOCK_H=block,
+            INDEX_DIV=top_k, BLOCK_H=block,
         )
     return x_NH
 
@@ -43,7 +43,7 @@ def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) 
     with device_guard(grad_NH):
         _combine_rows_kernel[(T, cdiv(H, block))](
             grad_NH, slot_to_row_N, grad_NH, grad_TH,
-            H, top_k, grad_NH.stride(0), grad_NH.stride(1), grad_TH.stride(0),
+            H, top_k, grad_NH.stride(0), grad_NH.stride(1), 0, 0, grad_TH.stride(0),
             HAS_WEIGHTS=False, BLOCK_H=block,
         )
     return grad_TH
@@ -88,7 +88,8 @@ def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = Non
     """x_NH: each token's row once per expert it chose, in the plan's expert-grouped order."""
     _checks.check_tensor("permute", "x_TH", x_TH, "T, H", dtypes=_checks.FLOAT_DTYPES)
     top_k = _checks.check_plan("permute", plan, num_tokens=x_TH.shape[0])
-    _checks.check_same_device("permute", x_TH=x_TH, row_to_slot_N=plan.row_to_slot_N)
+    _checks.check_same_device("permute", x_TH=x_TH, **{"plan.row_to_slot_N": plan.row_to_slot_N,
+                                                        "plan.slot_to_row_N": plan.slot_to_row_N})
     name = pick_backend(backend, x_TH.device, "permute")
     if name == "reference":
         return reference.permute(x_TH, plan)

@@ -1,6 +1,113 @@
-"""unpermute (being built: for now the plain-PyTorch reference only)."""
-from .. import reference
+"""unpermute: the weighted combine of each token's K expert outputs, back in token order.
+
+Shape legend: T tokens, H hidden, K top-k, N = T*K routed rows.
+  forward   out_TH[t] = sum_j w[t, j] * y_NH[slot_to_row[t*K + j]]   (fp32, j in order, y's dtype)
+  backward  dy_NH[r] = w[slot] * grad_TH[token]                       (slot = row_to_slot[r])
+            dw_TK[t, j] = sum_h grad_TH[t, h] * y_NH[slot_to_row[t*K + j], h]   (fp32, w's dtype)
+Both directions write each output element from one program: deterministic, no atomics.
+"""
+import torch
+
+from .. import _checks, reference
+from .._backend import kernel, pick_backend
+from .._types import DispatchPlan
+from ._triton import cdiv, device_guard, row_block
 
 
-def unpermute(y_NH, plan, topk_weights_TK, *, backend=None):
-    return reference.unpermute(y_NH, plan, topk_weights_TK)
+def unpermute_fwd(y_NH: torch.Tensor, slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Triton launcher of the forward combine: out_TH in y's dtype, accumulated in fp32."""
+    from .rows_kernels import _combine_rows_kernel
+
+    T, K = topk_weights_TK.shape
+    H = y_NH.shape[1]
+    out_TH = y_NH.new_empty((T, H))
+    if T == 0 or H == 0:
+        return out_TH
+    block = row_block(H)
+    with device_guard(y_NH):
+        _combine_rows_kernel[(T, cdiv(H, block))](
+            y_NH, slot_to_row_N, topk_weights_TK, out_TH,
+            H, K, y_NH.stride(0), y_NH.stride(1), topk_weights_TK.stride(0), topk_weights_TK.stride(1),
+            out_TH.stride(0), HAS_WEIGHTS=True, BLOCK_H=block,
+        )
+    return out_TH
+
+
+def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torch.Tensor,
+                  slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor):
+    """Triton launcher of the backward: (grad_NH in y's dtype, grad_weights_TK in the weights'
+    dtype), one pass over the rows."""
+    from .rows_kernels import _unpermute_bwd_kernel
+
+    T, K = topk_weights_TK.shape
+    N, H = y_NH.shape
+    grad_NH = y_NH.new_empty((N, H))
+    grad_weights_TK = topk_weights_TK.new_zeros((T, K))
+    if N == 0:
+        return grad_NH, grad_weights_TK
+    with device_guard(y_NH):
+        _unpermute_bwd_kernel[(N,)](
+            grad_TH, y_NH, row_to_slot_N, topk_weights_TK, grad_NH, grad_weights_TK,
+            H, K, grad_TH.stride(0), grad_TH.stride(1), y_NH.stride(0), y_NH.stride(1),
+            topk_weights_TK.stride(0), topk_weights_TK.stride(1), grad_NH.stride(0), grad_weights_TK.stride(0),
+            BLOCK_H=row_block(H),
+        )
+    return grad_NH, grad_weights_TK
+
+
+@torch.library.custom_op("finteam::unpermute", mutates_args=())
+def _unpermute(y_NH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor,
+               topk_weights_TK: torch.Tensor, backend: str) -> torch.Tensor:
+    return kernel("unpermute_fwd", backend, unpermute_fwd)(y_NH, slot_to_row_N, topk_weights_TK)
+
+
+@_unpermute.register_fake
+def _(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, backend):
+    return y_NH.new_empty((topk_weights_TK.shape[0], y_NH.shape[1]))
+
+
+@torch.library.custom_op("finteam::unpermute_backward", mutates_args=())
+def _unpermute_backward(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torch.Tensor,
+                        slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(kernel("unpermute_bwd", backend, unpermute_bwd)(
+        grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK))
+
+
+@_unpermute_backward.register_fake
+def _(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, backend):
+    return y_NH.new_empty(y_NH.shape), topk_weights_TK.new_empty(topk_weights_TK.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, ctx.backend = inputs
+    ctx.save_for_backward(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK)
+
+
+def _backward(ctx, grad_TH):
+    y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK = ctx.saved_tensors
+    grad_NH, grad_weights_TK = _unpermute_backward(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK,
+                                                   ctx.backend)
+    return grad_NH, None, None, grad_weights_TK, None
+
+
+_unpermute.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor, *,
+              backend: str | None = None) -> torch.Tensor:
+    """out_TH: each token's K expert rows of y_NH, weighted by topk_weights_TK and summed in fp32,
+    in y's dtype."""
+    _checks.check_tensor("unpermute", "y_NH", y_NH, "N, H", dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor("unpermute", "topk_weights_TK", topk_weights_TK, "T, K", dtypes=_checks.FLOAT_DTYPES)
+    T = topk_weights_TK.shape[0]
+    top_k = _checks.check_plan("unpermute", plan, num_tokens=T)
+    if T:
+        _checks.check_dim("unpermute", "topk_weights_TK", topk_weights_TK, 1, top_k, "K, from the plan's rows per token")
+    _checks.check_dim("unpermute", "y_NH", y_NH, 0, plan.row_to_slot_N.shape[0], "N, the plan's routed rows")
+    _checks.check_same_device("unpermute", y_NH=y_NH, topk_weights_TK=topk_weights_TK,
+                              **{"plan.row_to_slot_N": plan.row_to_slot_N, "plan.slot_to_row_N": plan.slot_to_row_N})
+    name = pick_backend(backend, y_NH.device, "unpermute")
+    if name == "reference":
+        return reference.unpermute(y_NH, plan, topk_weights_TK)
+    return _unpermute(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, name)
