@@ -5,6 +5,7 @@ Value checks (ids in range) read the data. On a CPU tensor that is free; on a GP
 queued as a device-side assertion, so they never synchronise with the host; while torch.compile
 traces they are skipped (there is no data to read).
 """
+import math
 from collections.abc import Iterable
 
 import torch
@@ -68,6 +69,19 @@ def check_int(op: str, name: str, value, lo: int, hi: int | None = None, why: st
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{op}: {name} must be {bound}{why}; got {value}")
+
+
+def check_bool(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool; got {value!r}")
+
+
+def check_real(op: str, name: str, value) -> None:
+    """A finite Python int or float (bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number; got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite; got {value!r}")
 
 
 def check_choice(op: str, name: str, value, choices: Iterable[str]) -> None:
