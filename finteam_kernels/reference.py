@@ -62,6 +62,9 @@ def topk_gating(
     x_TE = wide(logits_TE)
     alive_T = torch.isfinite(x_TE).any(dim=1, keepdim=True)
     x_TE = torch.nan_to_num(x_TE, nan=float("-inf"), posinf=torch.finfo(x_TE.dtype).max)
+    # A dead row of NaNs would be all -inf here, its softmax NaN, and the NaN would leak into its
+    # gradient through the where below: score dead rows from zeros instead.
+    x_TE = torch.where(alive_T, x_TE, 0.0)
     scores_TE = torch.softmax(x_TE, dim=1) if score == "softmax" else torch.sigmoid(x_TE)
     scores_TE = torch.where(alive_T, scores_TE, 0.0)
 
