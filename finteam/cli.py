@@ -1,0 +1,144 @@
+"""`finteam <stage>`: one subcommand per stage, and `finteam run` for the whole pipeline.
+
+    finteam run                           the tiny recipe end to end, then the results table
+    finteam run --recipe smoke --seeds 3  another recipe, three seeds (mean and spread)
+    finteam data | tokenizer | pretrain | assemble | instruct | evaluate   one stage
+    finteam generate --model runs/tiny/seed0/instruct/team/model --prompt "..."
+    finteam check --recipe llama3-8b      read and check a recipe, print it, do nothing else
+
+Every command takes --recipe NAME_OR_PATH, --set section.field=value (repeatable) and --force
+(rerun finished stages). Under `torchrun --nproc_per_node N finteam ...` training stages shard
+with FSDP2 across the N processes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import ROLES, RecipeError, load_recipe
+
+STAGES = ("data", "tokenizer", "pretrain", "assemble", "instruct", "evaluate")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finteam", description="FinTeamExperts: role experts -> MoE -> instruction tuning -> evaluation")
+    sub = ap.add_subparsers(dest="command", metavar="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--recipe", default="tiny", help="recipe name (tiny, smoke, llama3-8b) or YAML path (default: tiny)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. pretrain.expert.steps=20")
+    common.add_argument("--force", action="store_true", help="rerun stages that already finished")
+    common.add_argument("--seeds", type=int, default=1, help="repeat the training stages with this many seeds")
+    sub.add_parser("run", parents=[common], help="every stage, then the results table")
+    sub.add_parser("check", parents=[common], help="check a recipe and print it")
+    sub.add_parser("data", parents=[common], help="role corpora and instruction tasks")
+    sub.add_parser("tokenizer", parents=[common], help="train the byte-level BPE (or take the base's)")
+    p = sub.add_parser("pretrain", parents=[common], help="the base, the role experts and the dense baseline")
+    p.add_argument("--only", nargs="+", choices=["base", *ROLES, "dense"], help="train only these")
+    sub.add_parser("assemble", parents=[common], help="merge the experts into a Mixtral (and the uniform-merge baseline)")
+    p = sub.add_parser("instruct", parents=[common], help="instruction-tune the team and the baselines")
+    p.add_argument("--only", nargs="+", choices=["team", "dense", *ROLES, "merge"], help="tune only these")
+    sub.add_parser("evaluate", parents=[common], help="score every tuned model, routing, throughput, results table")
+    p = sub.add_parser("generate", parents=[common], help="answer prompts with a checkpoint")
+    p.add_argument("--model", required=True, help="a checkpoint folder, or team|dense|merge|macro|micro|quant (the tuned model of seed 0)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", help="a text file with one prompt a line")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # `finteam` alone runs the whole pipeline
+    args = parser().parse_args(argv)
+    command = args.command
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+        if command == "generate":
+            return _generate(args, recipe)
+    except RecipeError as err:
+        print(f"finteam: {err}", file=sys.stderr)
+        return 2
+    if command == "check":
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return 0
+    _init_distributed(recipe)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own log lines say what is loading; bars per file are noise
+    from . import pipeline
+    from .train import Interrupted
+
+    try:
+        if command == "run":
+            pipeline.run_all(recipe, args.seeds, args.force)
+        elif command in ("data", "tokenizer"):
+            pipeline.run_data(recipe, args.force)
+        else:
+            for k in range(args.seeds):
+                if command == "pretrain":
+                    pipeline.run_pretrain(recipe, k, args.force, args.only)
+                elif command == "assemble":
+                    pipeline.run_assemble(recipe, k, args.force)
+                elif command == "instruct":
+                    pipeline.run_instruct(recipe, k, args.force, args.only)
+                elif command == "evaluate":
+                    pipeline.run_evaluate(recipe, k, args.force)
+            if command == "evaluate":
+                print(pipeline.run_report(recipe, list(range(args.seeds))))
+    except Interrupted as stop:
+        print(f"\nfinteam: {stop.message}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as err:
+        print(f"finteam {command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _init_distributed(recipe) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    backend = recipe.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and recipe.device != "cpu" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+
+
+def _generate(args, recipe) -> int:
+    from .generate import answer
+    from .pipeline import Paths
+
+    path = Path(args.model)
+    if not path.exists():
+        path = Paths(recipe.run_dir).tuned(0, args.model) / "model"
+    if not (path / "config.json").is_file():
+        print(f"finteam generate: --model {args.model!r} is neither a checkpoint folder nor a tuned model of {recipe.run_dir}",
+              file=sys.stderr)
+        return 2
+    prompts = list(args.prompt)
+    if args.file:
+        prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("finteam generate: give --prompt or --file", file=sys.stderr)
+        return 2
+    experts = recipe.instruct.experts_implementation
+    from .model import experts_available
+
+    for prompt, reply in zip(prompts, answer(path, prompts, args.max_new_tokens, args.temperature,
+                                             experts if experts_available(experts) is None else "eager")):
+        print(f"{prompt}\n>>> {reply}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

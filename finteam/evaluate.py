@@ -1,0 +1,178 @@
+"""Stage `evaluate`: task scores, routing and throughput, as JSON and a Markdown table.
+
+Scores (metrics.py): classification and movement tasks are scored by log-likelihood, the way
+the FinBen harness does for label tasks: each label's summed log-probability after the prompt,
+highest wins (no sampling, no parsing). Entity and numeric tasks are answered by greedy
+generation and parsed.
+
+Routing: for the team, the share of each task's tokens (prompt and answer) that the router
+sends to each expert, top-k assignments counted, per layer and averaged; a PNG heat map.
+
+Throughput: the team with transformers' eager experts vs ours (`finteam`), and the dense
+baseline, each on the same batch: training tokens/s (forward+backward+AdamW step), prefill
+tokens/s (one forward over the batch), decode tokens/s (greedy generation with the KV cache).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import model as models
+from .batches import encode_example, pad_batch
+from .checkpoint import load_model
+from .data import Example
+from .metrics import score
+
+PALETTE = "viridis"
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], max_len: int, batch_size: int) -> torch.Tensor:
+    """[examples, choices]: summed log-probability of each choice (and its EOS) after each prompt."""
+    pairs = [encode_example(tokenizer, p, c, max_len) for p in prompts for c in choices]
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = pad_batch(chunk, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        labels = batch["labels"][:, 1:]
+        picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * (labels >= 0)).sum(-1))
+    return torch.cat(out).view(len(prompts), len(choices))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_len: int, batch_size: int) -> list[str]:
+    """Greedy answers, one per prompt (left-padded batches, stopped at EOS or a blank line)."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_example(tokenizer, p, None, max_len - max_new_tokens)[0] for p in prompts[start : start + batch_size]]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e) :] = torch.tensor(e)
+            mask[i, width - len(e) :] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n\n")[0].strip())
+    return answers
+
+
+def evaluate_model(model, tokenizer, tests: dict[str, list[Example]], meta: dict, cfg, max_len: int) -> dict:
+    """{task: {metric: value}} on the test examples."""
+    model.eval()
+    results = {}
+    for task, examples in tests.items():
+        info = meta[task]
+        prompts, gold = [e.prompt for e in examples], [e.answer for e in examples]
+        if info["choices"]:
+            lp = choice_logprobs(model, tokenizer, prompts, info["choices"], max_len, cfg.batch_size)
+            pred = [info["choices"][i] for i in lp.argmax(-1).tolist()]
+        else:
+            pred = generate(model, tokenizer, prompts, cfg.max_new_tokens, max_len, cfg.batch_size)
+        results[task] = {k: round(v, 4) for k, v in score(info["metric"], pred, gold, info["choices"], cfg.numeric_tolerance).items()}
+        results[task]["n"] = len(gold)
+    return results
+
+
+@torch.no_grad()
+def routing(moe, tokenizer, tests: dict[str, list[Example]], max_len: int, batch_size: int) -> dict:
+    """{task: [layer][expert] share of top-k assignments}, over prompt and answer tokens."""
+    table = {}
+    k, num_experts = moe.config.num_experts_per_tok, moe.config.num_local_experts
+    for task, examples in tests.items():
+        counts_LE = torch.zeros(moe.config.num_hidden_layers, num_experts)
+        for start in range(0, len(examples), batch_size):
+            pairs = [encode_example(tokenizer, e.prompt, e.answer, max_len) for e in examples[start : start + batch_size]]
+            batch = pad_batch(pairs, tokenizer.pad_token_id)
+            out = moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+            keep_T = batch["attention_mask"].reshape(-1).bool()
+            for layer, logits_TE in enumerate(out.router_logits):
+                ids_TK = logits_TE[keep_T].topk(k, dim=-1).indices
+                counts_LE[layer] += torch.bincount(ids_TK.reshape(-1), minlength=num_experts).float()
+        table[task] = (counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)).tolist()
+    return table
+
+
+def heat_map(table: dict, expert_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(table)
+    layers = len(next(iter(table.values())))
+    fig, axes = plt.subplots(1, layers + 1, figsize=(2.2 * (layers + 1) + 1, 0.45 * len(tasks) + 1.6), sharey=True)
+    panels = [(f"layer {i}", [table[t][i] for t in tasks]) for i in range(layers)]
+    panels.append(("mean", [torch.tensor(table[t]).mean(0).tolist() for t in tasks]))
+    for ax, (title, grid) in zip(axes, panels):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap=PALETTE, aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(expert_names)), expert_names, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of top-k assignments")
+    fig.suptitle("Which expert each task's tokens are routed to")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def throughput(model, batch: int, seq_len: int, decode_tokens: int = 16, repeats: int = 3) -> dict:
+    """tokens/s for a training step, a prefill and a greedy decode on random tokens."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def train_step():
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def prefill():
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    prompt = ids[:, : max(1, seq_len // 4)]
+
+    def decode():
+        model.eval()
+        with torch.no_grad():
+            model.generate(input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+
+    t_train, t_prefill, t_decode = _timed(train_step, repeats), _timed(prefill, repeats), _timed(decode, 1)
+    return {"train_tok_s": round(ids.numel() / t_train), "prefill_tok_s": round(ids.numel() / t_prefill),
+            "decode_tok_s": round(batch * decode_tokens / t_decode)}
+
+
+def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg) -> dict:
+    """{row name: tokens/s numbers, or the reason the row could not run}."""
+    rows = {}
+    for impl in ("eager", "finteam"):
+        why = models.experts_available(impl)
+        if why:
+            rows[f"team, {impl} experts"] = {"skipped": why}
+            continue
+        moe = load_model(moe_dir)
+        models.use_experts(moe, impl)
+        rows[f"team, {impl} experts"] = throughput(moe, cfg.throughput_batch, cfg.throughput_seq_len)
+    if dense_dir is not None:
+        rows["dense (same active size)"] = throughput(load_model(dense_dir), cfg.throughput_batch, cfg.throughput_seq_len)
+    return rows

@@ -1,0 +1,207 @@
+"""The training loop shared by every stage that trains (pretrain, instruct, the baselines).
+
+AdamW, linear warm-up then cosine decay to `lr * min_lr_ratio`, gradient accumulation, global
+grad-norm clipping, bf16 autocast on CUDA (on CPU fp32 measured faster: see docs/pipeline.md).
+
+Data order is a pure function of (seed, sample index): micro-batch m of step s on rank r reads
+samples [((s*A + m)*W + r)*B, ... + B) of an endless stream that reshuffles every epoch. So the
+data position is the step number, a resumed run reads exactly what the killed run would have,
+and W ranks with A micro-batches see the same samples as one process with W*A micro-batches.
+
+Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 (`fully_shard` on each decoder
+layer, then the root): parameters, gradients and optimizer state split across ranks, gradients
+averaged by reduce-scatter. Checkpoints gather full state dicts on rank 0.
+
+Resume: `<out>/checkpoints/latest` (see checkpoint.py) holds weights, optimizer, scheduler,
+RNG and step. Ctrl-C finishes the current step, saves, and exits (a second Ctrl-C aborts).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_train_state, save_train_state
+from .config import TrainConfig
+from .progress import Progress, log
+
+
+class Interrupted(SystemExit):
+    """Raised after Ctrl-C once the checkpoint is safe; exits with 130 like any interrupted tool."""
+
+    def __init__(self, message: str):
+        super().__init__(130)
+        self.message = message
+
+
+@dataclass
+class Trained:
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(model) -> None:
+    """FSDP2 over all ranks: one unit per decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def cosine(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _state(model, opt, full: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+
+
+def _restore(model, opt, weights, opt_state, distributed: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=False)
+    missing, unexpected = set_model_state_dict(model, weights, options=options)
+    tied = {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"resume: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+    set_optimizer_state_dict(model, opt, opt_state, options=options)
+
+
+def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, device: torch.device,
+        precision: str = "auto") -> Trained:
+    """Train `model` on `batches` for `cfg.steps` optimizer steps, resuming from `out/checkpoints`."""
+    rank, size = world()
+    if size > 1:
+        shard(model)
+    opt = optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(cfg))
+    ckpt_dir = out / "checkpoints"
+    trained = Trained(0, 0, 0.0)
+    saved = load_train_state(ckpt_dir) if rank == 0 else None
+    if size > 1:
+        box = [saved is not None]
+        dist.broadcast_object_list(box, src=0)
+        resuming = box[0]
+    else:
+        resuming = saved is not None
+    if resuming:
+        weights, trainer = saved if saved is not None else ({}, None)
+        box = [trainer]
+        if size > 1:
+            dist.broadcast_object_list(box, src=0)
+        trainer = box[0]
+        _restore(model, opt, weights, trainer["optimizer"], size > 1)
+        sched.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["rng"])
+        trained = Trained(trainer["step"], trainer["tokens"], trainer["seconds"], [tuple(x) for x in trainer["losses"]])
+        log(f"{label}  resuming at step {trained.steps}/{cfg.steps}")
+
+    def save(step: int) -> None:
+        weights, opt_state = _state(model, opt, full=True)
+        trainer = {"step": step, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                   "tokens": trained.tokens, "seconds": trained.seconds, "losses": [list(x) for x in trained.losses]}
+        if rank == 0:
+            save_train_state(ckpt_dir, step, weights, trainer, {**meta, "step": step})
+        if size > 1:
+            dist.barrier()
+
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        log(f"{label}  Ctrl-C: finishing step, saving a checkpoint (press again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    bar = Progress(label, cfg.steps, start=trained.steps, every=cfg.log_every)
+    model.train()
+    try:
+        for step in range(trained.steps + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            total, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                first = (((step - 1) * cfg.grad_accum + micro) * size + rank) * cfg.batch_size
+                batch = {k: v.to(device) for k, v in batches.get(first, cfg.batch_size).items()}
+                with autocast(device, precision):
+                    loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            trained.steps, trained.tokens, trained.seconds = step, trained.tokens + tokens * size, trained.seconds + seconds
+            trained.losses.append((step, total))
+            bar.update(step, tokens * size / seconds, loss=total, lr=sched.get_last_lr()[0])
+            if stop["asked"]:
+                save(step)
+                raise Interrupted(f"{label}: interrupted at step {step}/{cfg.steps}; checkpoint saved in {ckpt_dir}. "
+                                  "Run the same command again to resume.")
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                save(step)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return trained
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def full_weights(model) -> dict | None:
+    """The full state dict (gathered under FSDP) on rank 0, None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, size = world()
+    if size == 1:
+        return model.state_dict()
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights if rank == 0 else None
