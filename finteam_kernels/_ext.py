@@ -1,10 +1,19 @@
 """Loading the compiled extension (csrc/): found next to this file, loaded on first use.
 
-A missing or broken extension is not an error: the Triton and reference backends still work. It
-gives one warning naming the cause, and `python -m finteam_kernels.info` shows it.
+Two libraries, loaded with `torch.ops.load_library` (they register ops, they are not modules):
+  _C_cpu*.so   every schema of the `finteam` namespace (csrc/ops.cpp) and the CPU kernels
+  _C_cuda*.so  the CUDA kernels; it registers implementations of the schemas above, so loading
+               it loads the CPU library first
+
+A missing or broken extension is not an error: the Triton and reference backends still work. A
+library that should be here and is not gives one warning naming the cause (the build records
+why it skipped or failed in `_build_info.json`); `python -m finteam_kernels.info` shows it. A
+CUDA library that was never meant to be built (a CPU build of torch) is reported but not warned
+about.
 """
 import functools
 import glob
+import json
 import os
 import warnings
 
@@ -12,28 +21,76 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LIBS = {"cpu": "_C_cpu", "cuda": "_C_cuda"}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+BUILD_INFO = os.path.join(_HERE, "_build_info.json")
+
+
+def library_path(kind: str) -> str | None:
+    files = sorted(glob.glob(os.path.join(_HERE, _LIBS[kind] + "*.so")) + glob.glob(os.path.join(_HERE, _LIBS[kind] + "*.pyd")))
+    return files[0] if files else None
+
+
+def build_notes() -> dict:
+    """What the build recorded: {"torch": version built against, "not_built": {kind: reason}}."""
+    try:
+        with open(BUILD_INFO) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _expected(kind: str) -> bool:
+    """Whether this installation should have the `kind` library: the CPU one always; the CUDA
+    one where torch is a CUDA build (or the build tried it)."""
+    if kind == "cpu":
+        return True
+    return torch.version.cuda is not None and "skipped" not in build_notes().get("not_built", {}).get(kind, "")
+
+
+def _not_built_reason(kind: str) -> str:
+    recorded = build_notes().get("not_built", {}).get(kind)
+    if recorded:
+        return recorded
+    return (f"the {kind} extension was not built (no finteam_kernels/{_LIBS[kind]}*.so; install torch and a C++ "
+            f"compiler, then `pip install --no-build-isolation .`)")
 
 
 @functools.cache
 def load(kind: str) -> str | None:
     """Load the `kind` ("cpu" or "cuda") library; None on success, else why it is not usable."""
-    files = glob.glob(os.path.join(_HERE, _LIBS[kind] + "*.so")) + glob.glob(os.path.join(_HERE, _LIBS[kind] + "*.pyd"))
-    if not files:
-        return f"the {kind} extension was not built (reinstall with `pip install --no-build-isolation .`)"
-    try:
-        torch.ops.load_library(files[0])
-    except (OSError, RuntimeError) as err:
-        reason = f"the {kind} extension failed to load: {err}"
-        warnings.warn(f"finteam_kernels: {reason}; using the Triton/reference backends", RuntimeWarning, stacklevel=3)
-        return reason
-    return None
+    if kind == "cuda":
+        schemas = load("cpu")
+        if schemas is not None:
+            return f"the CUDA extension needs the op schemas of the CPU extension, which is unusable: {schemas}"
+    path = library_path(kind)
+    if path is None:
+        reason = _not_built_reason(kind)
+    else:
+        try:
+            torch.ops.load_library(path)
+            return None
+        except (OSError, RuntimeError) as err:
+            reason = f"the {kind} extension failed to load ({os.path.basename(path)}): {err}"
+    if _expected(kind):
+        warnings.warn(f"finteam_kernels: {reason}; {kind} tensors run on the other backends "
+                      "(see `python -m finteam_kernels.info`)", RuntimeWarning, stacklevel=3)
+    return reason
+
+
+def has_kernel(kind: str, name: str) -> bool:
+    """Whether `finteam::<name>` has a `kind` implementation registered (after `load(kind)`)."""
+    qualified = f"finteam::{name}"
+    return (torch._C._dispatch_has_kernel(qualified)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, _DISPATCH_KEYS[kind]))
 
 
 def why_missing(kind: str, op: str) -> str | None:
+    """None when the `kind` library implements `op` (its `<op>_fwd` launcher, or `op` itself),
+    else the reason it cannot run it."""
     reason = load(kind)
     if reason is not None:
         return reason
-    if not hasattr(torch.ops.finteam, op + "_fwd") and not hasattr(torch.ops.finteam, op):
+    if not any(has_kernel(kind, name) for name in (op + "_fwd", op)):
         return f"the {kind} extension has no implementation of {op}"
     return None
 

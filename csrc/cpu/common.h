@@ -1,0 +1,74 @@
+// What the CPU kernels share: tensor plumbing, the dtype switch, and runtime ISA dispatch.
+//
+// Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K routed
+// rows; D and O are a GEMM's input and output widths.
+//
+// Vectorisation without -march=native: loops over float arrays are written so the compiler
+// vectorises them, and marked FINTEAM_SIMD, which builds one clone per ISA level (AVX-512,
+// AVX2, baseline) and picks one when the library loads. Kernels that need a specific
+// instruction (the bf16 dot products) check `has_avx512_bf16()` and fall back to ATen.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <string>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__ELF__) && !defined(FINTEAM_NO_CLONES)
+#define FINTEAM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FINTEAM_X86 1
+#else
+#define FINTEAM_SIMD
+#define FINTEAM_X86 0
+#endif
+
+namespace finteam::cpu {
+
+// The ISA level the kernels run at: "avx512_bf16", "avx512", "avx2" or "baseline". The
+// environment variable FINTEAM_CPU_ISA can lower it (to test the fallbacks), never raise it.
+const std::string& isa_name();
+bool has_avx512_bf16();
+
+// Rows handed to one thread at a time: big enough to amortise the fork, small enough to balance.
+inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {
+  return std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
+}
+
+// A tensor whose innermost dimension is dense (row strides are kept, so a view with a huge row
+// stride is read in place); anything else is copied once.
+inline at::Tensor rows_dense(const at::Tensor& t) {
+  return t.dim() >= 1 && t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t;
+}
+
+// Index tensors as int64 or int32 are read through this.
+struct IndexView {
+  const void* data;
+  bool wide;
+  int64_t operator[](int64_t i) const {
+    return wide ? static_cast<const int64_t*>(data)[i] : static_cast<const int32_t*>(data)[i];
+  }
+};
+
+inline IndexView index_view(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              "finteam cpu: index tensors must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "finteam cpu: index tensors must be contiguous");
+  return {t.data_ptr(), t.scalar_type() == at::kLong};
+}
+
+// fp32 math for 16-bit inputs; fp64 stays fp64 (so the spec's fp64 checks hold here too).
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+}  // namespace finteam::cpu
+
+// The floating dtypes every op accepts.
+#define FINTEAM_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

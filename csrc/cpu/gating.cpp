@@ -1,0 +1,388 @@
+// topk_gating and router_losses on the CPU.
+//
+// Shape legend: T tokens, E experts, K top-k.
+// One thread owns a block of tokens; each token's row of E logits is read once into a small
+// scratch row, and every step (scores, selection, weights) is a vectorised pass over that row.
+// Selection is K passes of "largest untaken value, then its lowest index", which is exactly the
+// spec's stable descending sort on the first K places, for any E. Cost: T*E*(K+4) flops on
+// data that never leaves L1: at T=4096, E=64 a few tens of microseconds per core.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "vmath.h"
+
+namespace finteam::cpu {
+namespace {
+
+template <typename acc_t>
+constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+template <typename acc_t>
+constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+
+struct GatingArgs {
+  int64_t E, K;
+  bool softmax, renormalize;
+  int64_t num_groups, topk_groups;
+  double scaling;
+};
+
+bool parse_score(c10::string_view score) {
+  TORCH_CHECK(score == "softmax" || score == "sigmoid", "topk_gating: score must be 'softmax' or 'sigmoid'; got '",
+              std::string(score), "'");
+  return score == "softmax";
+}
+
+// The scores of one token (the spec's nan_to_num, then softmax or sigmoid) into s[0..E);
+// returns false when the row has no finite logit (a dead row: zero scores, no gradient).
+template <typename scalar_t, typename acc_t>
+inline bool score_row(const scalar_t* x, int64_t E, bool softmax, acc_t* s) {
+  int alive = 0;
+  acc_t m = -kInf<acc_t>;
+#pragma omp simd reduction(| : alive) reduction(max : m)
+  for (int64_t e = 0; e < E; ++e) {
+    acc_t v = vm::widen(x[e]);
+    alive |= vm::finite(v) ? 1 : 0;
+    v = v != v ? -kInf<acc_t> : (v == kInf<acc_t> ? kMax<acc_t> : v);
+    s[e] = v;
+    m = v > m ? v : m;
+  }
+  if (!alive) return false;
+  if (softmax) {
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t p = vm::exp(s[e] - m);
+      s[e] = p;
+      sum += p;
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) s[e] = s[e] / sum;
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) s[e] = vm::sigmoid(s[e]);
+  }
+  return true;
+}
+
+// The K largest of c[0..E), lowest index first among equals, in descending order. `taken` is
+// all zeros on entry and on return.
+template <typename acc_t>
+inline void select_top(const acc_t* c, int64_t E, int64_t K, acc_t* taken, int64_t* ids) {
+  for (int64_t j = 0; j < K; ++j) {
+    acc_t best = -kInf<acc_t>;
+#pragma omp simd reduction(max : best)
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t v = taken[e] != 0 ? -kInf<acc_t> : c[e];
+      best = v > best ? v : best;
+    }
+    int64_t idx = E;
+#pragma omp simd reduction(min : idx)
+    for (int64_t e = 0; e < E; ++e) {
+      bool hit = taken[e] == 0 && c[e] == best;
+      idx = hit && e < idx ? e : idx;
+    }
+    taken[idx] = 1;
+    ids[j] = idx;
+  }
+  for (int64_t j = 0; j < K; ++j) taken[ids[j]] = 0;
+}
+
+// DeepSeek-V3's group limit: rate each group by the sum of its two best choices, keep the
+// `topk_groups` best groups (lowest index among equals), and rule out every other expert.
+template <typename acc_t>
+void limit_groups(acc_t* c, const GatingArgs& a, acc_t* rating, acc_t* taken, int64_t* kept) {
+  const int64_t S = a.E / a.num_groups;
+  for (int64_t g = 0; g < a.num_groups; ++g) {
+    acc_t top1 = -kInf<acc_t>, top2 = -kInf<acc_t>;
+    for (int64_t e = g * S; e < (g + 1) * S; ++e) {
+      if (c[e] > top1) {
+        top2 = top1;
+        top1 = c[e];
+      } else if (c[e] > top2) {
+        top2 = c[e];
+      }
+    }
+    rating[g] = S >= 2 ? top1 + top2 : top1;
+  }
+  select_top(rating, a.num_groups, a.topk_groups, taken, kept);
+  for (int64_t g = 0; g < a.topk_groups; ++g) taken[kept[g]] = 1;
+  for (int64_t g = 0; g < a.num_groups; ++g) {
+    if (taken[g] == 0) {
+      for (int64_t e = g * S; e < (g + 1) * S; ++e) c[e] = -kInf<acc_t>;
+    }
+  }
+  for (int64_t g = 0; g < a.num_groups; ++g) taken[g] = 0;
+}
+
+template <typename scalar_t, typename acc_t>
+FINTEAM_SIMD void gating_rows(const scalar_t* logits, int64_t stride_t, const acc_t* bias, GatingArgs a, int64_t t0,
+                              int64_t t1, acc_t* weights_TK, int32_t* ids_TK) {
+  const int64_t E = a.E, K = a.K;
+  std::vector<acc_t> buf(3 * E + a.num_groups);
+  std::vector<int64_t> ids(std::max(K, a.num_groups));
+  acc_t *s = buf.data(), *c = s + E, *taken = c + E, *rating = taken + E;
+  const bool own_choice = bias != nullptr || a.num_groups > 1;
+  for (int64_t t = t0; t < t1; ++t) {
+    acc_t* w = weights_TK + t * K;
+    int32_t* out_ids = ids_TK + t * K;
+    if (!score_row(logits + t * stride_t, E, a.softmax, s)) {
+      for (int64_t j = 0; j < K; ++j) {
+        out_ids[j] = static_cast<int32_t>(j);
+        w[j] = 0;
+      }
+      continue;
+    }
+    acc_t* choice = own_choice ? c : s;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t v = s[e] + bias[e];
+        c[e] = v != v ? -kInf<acc_t> : (v > kMax<acc_t> ? kMax<acc_t> : (v < -kMax<acc_t> ? -kMax<acc_t> : v));
+      }
+    } else if (own_choice) {
+      std::copy(s, s + E, c);
+    }
+    if (a.num_groups > 1) limit_groups(c, a, rating, taken, ids.data());
+    select_top(choice, E, K, taken, ids.data());
+    acc_t total = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      out_ids[j] = static_cast<int32_t>(ids[j]);
+      w[j] = s[ids[j]];
+      total += w[j];
+    }
+    if (a.renormalize) {
+      total = std::max(total, std::numeric_limits<acc_t>::min());
+      for (int64_t j = 0; j < K; ++j) w[j] = w[j] / total;
+    }
+    const acc_t scaling = static_cast<acc_t>(a.scaling);
+    for (int64_t j = 0; j < K; ++j) w[j] = w[j] * scaling;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FINTEAM_SIMD void gating_grad_rows(const acc_t* grad_TK, const scalar_t* logits, int64_t stride_t, IndexView ids_TK,
+                                   GatingArgs a, int64_t t0, int64_t t1, scalar_t* grad_TE) {
+  const int64_t E = a.E, K = a.K;
+  const acc_t scaling = static_cast<acc_t>(a.scaling);
+  std::vector<acc_t> buf(2 * E + 2 * K);
+  acc_t *s = buf.data(), *ds = s + E, *g = ds + E, *sel = g + K;
+  for (int64_t t = t0; t < t1; ++t) {
+    const scalar_t* x = logits + t * stride_t;
+    scalar_t* dx = grad_TE + t * E;
+    if (!score_row(x, E, a.softmax, s)) {
+      for (int64_t e = 0; e < E; ++e) dx[e] = scalar_t(0);
+      continue;
+    }
+    acc_t total = 0, weighted = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      g[j] = grad_TK[t * K + j] * scaling;
+      sel[j] = s[ids_TK[t * K + j]];
+      total += sel[j];
+      weighted += g[j] * sel[j];
+    }
+    std::fill(ds, ds + E, acc_t(0));
+    if (a.renormalize) {
+      // w = s / max(sum s, tiny): the clamp passes no gradient when it binds.
+      const acc_t tiny = std::numeric_limits<acc_t>::min();
+      const acc_t denom = std::max(total, tiny);
+      const acc_t through_sum = total >= tiny ? weighted / (denom * denom) : acc_t(0);
+      for (int64_t j = 0; j < K; ++j) ds[ids_TK[t * K + j]] += g[j] / denom - through_sum;
+    } else {
+      for (int64_t j = 0; j < K; ++j) ds[ids_TK[t * K + j]] += g[j];
+    }
+    if (a.softmax) {
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < E; ++e) dot += ds[e] * s[e];
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t d = s[e] * (ds[e] - dot);
+        dx[e] = vm::narrow<scalar_t>(vm::finite(vm::widen(x[e])) ? d : acc_t(0));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t d = ds[e] * s[e] * (acc_t(1) - s[e]);
+        dx[e] = vm::narrow<scalar_t>(vm::finite(vm::widen(x[e])) ? d : acc_t(0));
+      }
+    }
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_fwd(const at::Tensor& logits_TE,
+                                                               const std::optional<at::Tensor>& expert_bias_E,
+                                                               int64_t k, c10::string_view score, bool renormalize,
+                                                               int64_t num_groups, int64_t topk_groups,
+                                                               double scaling) {
+  TORCH_CHECK(logits_TE.dim() == 2, "topk_gating: logits_TE must be 2-D");
+  const at::Tensor logits = rows_dense(logits_TE);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "topk_gating: k must be in [1, ", E, "]; got ", k);
+  TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, "topk_gating: num_groups must divide E=", E, "; got ",
+              num_groups);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, "topk_gating: topk_groups must be in [1, num_groups]");
+  const GatingArgs a{E, k, parse_score(score), renormalize, num_groups, num_groups > 1 ? topk_groups : 1, scaling};
+  const auto acc = acc_dtype(logits.scalar_type());
+  auto weights_TK = at::empty({T, k}, logits.options().dtype(acc));
+  auto ids_TK = at::empty({T, k}, logits.options().dtype(at::kInt));
+  at::Tensor bias;
+  if (expert_bias_E.has_value()) bias = expert_bias_E->to(acc).contiguous();
+  FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "topk_gating_fwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+    acc_t* w = weights_TK.data_ptr<acc_t>();
+    int32_t* ids = ids_TK.data_ptr<int32_t>();
+    at::parallel_for(0, T, grain(E * (k + 4)), [&](int64_t t0, int64_t t1) {
+      gating_rows<scalar_t, acc_t>(x, logits.stride(0), b, a, t0, t1, w, ids);
+    });
+  });
+  auto counts_E = at::zeros({E}, logits.options().dtype(at::kInt));
+  int32_t* counts = counts_E.data_ptr<int32_t>();
+  const int32_t* ids = ids_TK.const_data_ptr<int32_t>();
+  for (int64_t n = 0; n < T * k; ++n) ++counts[ids[n]];
+  return {weights_TK, ids_TK, counts_E};
+}
+
+at::Tensor topk_gating_bwd(const at::Tensor& grad_weights_TK, const at::Tensor& logits_TE, const at::Tensor& ids_TK,
+                           c10::string_view score, bool renormalize, double scaling) {
+  const at::Tensor logits = rows_dense(logits_TE);
+  const int64_t T = logits.size(0), E = logits.size(1), K = ids_TK.size(1);
+  const GatingArgs a{E, K, parse_score(score), renormalize, 1, 1, scaling};
+  const auto acc = acc_dtype(logits.scalar_type());
+  const at::Tensor grad = grad_weights_TK.to(acc).contiguous();
+  const at::Tensor ids = ids_TK.contiguous();
+  auto grad_TE = at::empty({T, E}, logits.options());
+  const IndexView idx = index_view(ids);
+  FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "topk_gating_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    at::parallel_for(0, T, grain(E * 4), [&](int64_t t0, int64_t t1) {
+      gating_grad_rows<scalar_t, acc_t>(grad.const_data_ptr<acc_t>(), logits.const_data_ptr<scalar_t>(),
+                                        logits.stride(0), idx, a, t0, t1, grad_TE.data_ptr<scalar_t>());
+    });
+  });
+  return grad_TE;
+}
+
+// router_losses: each block of tokens sums its softmax rows and squared logsumexps; blocks are
+// reduced in a fixed order, so the result does not depend on the thread count.
+constexpr int64_t kLossBlock = 64;
+
+template <typename scalar_t, typename acc_t>
+FINTEAM_SIMD void softmax_lse_rows(const scalar_t* logits, int64_t stride_t, int64_t E, int64_t t0, int64_t t1,
+                                   acc_t* s, acc_t* lse_T) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const scalar_t* x = logits + t * stride_t;
+    acc_t* p = s + (t - t0) * E;
+    acc_t m = -kInf<acc_t>;
+    bool nan = false;
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t v = vm::widen(x[e]);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+    m = nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
+    // torch's logsumexp shifts by the max only when it is finite.
+    const acc_t shift = (m == kInf<acc_t> || m == -kInf<acc_t>) ? acc_t(0) : m;
+    acc_t sum = 0, shifted_sum = 0;
+#pragma omp simd reduction(+ : sum, shifted_sum)
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t v = vm::widen(x[e]);
+      acc_t q = vm::exp(v - m);
+      p[e] = q;
+      sum += q;
+      shifted_sum += vm::exp(v - shift);
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) p[e] = p[e] / sum;
+    lse_T[t] = std::log(shifted_sum) + shift;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> router_losses_fwd(const at::Tensor& logits_TE, const at::Tensor& topk_ids_TK,
+                                                     int64_t num_experts) {
+  const at::Tensor logits = rows_dense(logits_TE);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E == num_experts, "router_losses: logits_TE has ", E, " experts but num_experts is ", num_experts);
+  const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  auto aux = at::zeros({}, opts), z = at::zeros({}, opts);
+  if (T == 0) return {aux, z};
+  const at::Tensor ids = topk_ids_TK.contiguous();
+  const IndexView idx = index_view(ids);
+  FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "router_losses_fwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t blocks = (T + kLossBlock - 1) / kLossBlock;
+    std::vector<acc_t> p_sums(blocks * E, 0), z_sums(blocks, 0), lse(T);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> s(kLossBlock * E);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t0 = b * kLossBlock, t1 = std::min(T, t0 + kLossBlock);
+        softmax_lse_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), logits.stride(0), E, t0, t1, s.data(),
+                                          lse.data());
+        acc_t* acc = p_sums.data() + b * E;
+        for (int64_t t = t0; t < t1; ++t) {
+          for (int64_t e = 0; e < E; ++e) acc[e] += s[(t - t0) * E + e];
+          z_sums[b] += lse[t] * lse[t];
+        }
+      }
+    });
+    std::vector<acc_t> f(E, 0);
+    for (int64_t n = 0; n < ids.numel(); ++n) f[idx[n]] += 1;
+    acc_t aux_sum = 0, z_sum = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t p = 0;
+      for (int64_t b = 0; b < blocks; ++b) p += p_sums[b * E + e];
+      aux_sum += (f[e] / T) * (p / T);
+    }
+    for (int64_t b = 0; b < blocks; ++b) z_sum += z_sums[b];
+    aux.fill_(static_cast<double>(aux_sum * static_cast<acc_t>(E)));
+    z.fill_(static_cast<double>(z_sum / T));
+  });
+  return {aux, z};
+}
+
+at::Tensor router_losses_bwd(const at::Tensor& grad_aux, const at::Tensor& grad_z, const at::Tensor& logits_TE,
+                             const at::Tensor& topk_ids_TK, int64_t num_experts) {
+  const at::Tensor logits = rows_dense(logits_TE);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  auto grad_TE = at::empty({T, E}, logits.options());
+  if (T == 0) return grad_TE;
+  const at::Tensor ids = topk_ids_TK.contiguous();
+  const IndexView idx = index_view(ids);
+  const double g_aux = grad_aux.item<double>(), g_z = grad_z.item<double>();
+  FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "router_losses_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<acc_t> f(E, 0);
+    for (int64_t n = 0; n < ids.numel(); ++n) f[idx[n]] += 1;
+    for (auto& v : f) v /= T;
+    const acc_t c_aux = static_cast<acc_t>(g_aux * num_experts / T), c_z = static_cast<acc_t>(2.0 * g_z / T);
+    at::parallel_for(0, T, grain(E * 4), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> s((t1 - t0) * E), lse(T);
+      softmax_lse_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), logits.stride(0), E, t0, t1, s.data(),
+                                        lse.data());
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t* p = s.data() + (t - t0) * E;
+        acc_t fp = 0;
+        for (int64_t e = 0; e < E; ++e) fp += f[e] * p[e];
+        scalar_t* dx = grad_TE.data_ptr<scalar_t>() + t * E;
+        for (int64_t e = 0; e < E; ++e) dx[e] = vm::narrow<scalar_t>(p[e] * (c_aux * (f[e] - fp) + c_z * lse[t]));
+      }
+    });
+  });
+  return grad_TE;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finteam, CPU, m) {
+  m.impl("topk_gating_fwd", &topk_gating_fwd);
+  m.impl("topk_gating_bwd", &topk_gating_bwd);
+  m.impl("router_losses_fwd", &router_losses_fwd);
+  m.impl("router_losses_bwd", &router_losses_bwd);
+}
+
+}  // namespace finteam::cpu

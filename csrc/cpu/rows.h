@@ -1,0 +1,27 @@
+// Row movement shared by the ops: the dispatch plan, the gather of token rows into expert
+// order, and the weighted combine back into token order.
+//
+// Shape legend: T tokens, H hidden, E experts, K top-k, N = T*K routed rows.
+#pragma once
+
+#include <tuple>
+
+#include "common.h"
+
+namespace finteam::cpu {
+
+// (expert_offsets_E1 int64, tokens_per_expert_E int32, row_to_slot_N int32, slot_to_row_N int32):
+// a stable counting sort of the N slots by expert.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(const at::Tensor& topk_ids_TK,
+                                                                         int64_t num_experts);
+
+// x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`.
+void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
+                 at::Tensor& out);
+
+// out_TH[t] = sum_j w[t, j] * y_NH[slot_to_row[t*K + j]], accumulated in fp32 (fp64 for fp64)
+// in slot order; weights_TK undefined means all ones (permute's backward).
+at::Tensor combine_rows(const at::Tensor& y_NH, const at::Tensor& slot_to_row_N, const at::Tensor& weights_TK,
+                        int64_t top_k);
+
+}  // namespace finteam::cpu
