@@ -164,10 +164,12 @@ def as_row(ex: Example) -> dict:
 def run(recipe: Recipe, out: Path) -> dict:
     cfg = recipe.data
     seed = recipe.seed
+    corpora, splits, meta = {}, {"train": [], "valid": [], "test": []}, {}
     if cfg.source == "synthetic" or cfg.keep_synthetic_tasks:
-        corpora, splits, meta = synthetic(cfg, seed)
-    else:
-        corpora, splits, meta = {}, {"train": [], "valid": [], "test": []}, {}
+        corpora, world_splits, world_meta = synthetic(cfg, seed)
+        # Instruction files replace the world's tasks unless the recipe keeps both.
+        if not cfg.instructions or cfg.keep_synthetic_tasks:
+            splits, meta = world_splits, world_meta
     if cfg.source == "files":
         corpora = {role: [d for spec in cfg.corpora[role] for d in read_texts(spec, cfg.text_field)] for role in ROLES}
     if cfg.instructions:

@@ -45,7 +45,8 @@ def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, s
     batches = Instructions(load_tasks(data_dir, "train"), tokenizer, cfg.max_len, seed)
     meta = stamp(recipe, label, seed=seed, source=str(model_dir))
     model.to(device)
-    trained = fit(model, batches, cfg.train, out, meta, label, device, recipe.precision)
+    trained = fit(model, batches, cfg.train, out, meta, label, device, recipe.precision,
+                  recipe.model.gradient_checkpointing)
     weights = full_weights(model)
     if world()[0] == 0:
         model.config.output_router_logits = False

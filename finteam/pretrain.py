@@ -35,7 +35,8 @@ def train_lm(recipe: Recipe, model, texts: list[str], tokenizer, cfg: TrainConfi
     batches = PackedTokens(texts, tokenizer, recipe.model.seq_len, seed)
     meta = stamp(recipe, label, seed=seed)
     model.to(device)
-    trained = fit(model, batches, cfg, out, meta, label, device, recipe.precision)
+    trained = fit(model, batches, cfg, out, meta, label, device, recipe.precision,
+                  recipe.model.gradient_checkpointing)
     weights = full_weights(model)
     if world()[0] == 0:
         save_model(model, out / "model", {**meta, "steps": trained.steps, "tokens": trained.tokens}, tokenizer, weights)

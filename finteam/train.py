@@ -108,9 +108,13 @@ def _restore(model, opt, weights, opt_state, distributed: bool) -> None:
 
 
 def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, device: torch.device,
-        precision: str = "auto") -> Trained:
-    """Train `model` on `batches` for `cfg.steps` optimizer steps, resuming from `out/checkpoints`."""
+        precision: str = "auto", checkpointing: bool = False) -> Trained:
+    """Train `model` on `batches` for `cfg.steps` optimizer steps, resuming from `out/checkpoints`
+    (`checkpointing`: recompute activations in the backward, for models whose activations
+    would not fit)."""
     rank, size = world()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     if size > 1:
         shard(model)
     opt = optimizer(model, cfg)
