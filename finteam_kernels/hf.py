@@ -23,6 +23,7 @@ from torch import nn
 from transformers import activations
 from transformers.integrations.moe import ExpertsInterface
 
+from .layers import compute_dtype
 from .ops.moe_experts import moe_experts
 
 NAME = "finteam"
@@ -57,6 +58,11 @@ def is_hf_experts(module: nn.Module) -> bool:
     return hasattr(module, "has_gate") and hasattr(module, "_is_expert_parallel") and hasattr(module, "config")
 
 
+def hf_activation(act_fn) -> str | None:
+    """moe_experts' name for a transformers activation module, None if it has none."""
+    return _ACTIVATIONS.get(type(act_fn))  # by exact type: a subclass may compute something else
+
+
 def activation_of(experts: nn.Module) -> str:
     """moe_experts' name for the activation of a transformers experts module, after checking that
     moe_experts computes that module exactly; raises ValueError naming what is not supported."""
@@ -67,8 +73,7 @@ def activation_of(experts: nn.Module) -> str:
     # A model that overrides the gate (clamping, a different GLU) would be computed wrongly.
     if getattr(type(experts)._apply_gate, "__qualname__", "") != "_default_apply_gate":
         raise ValueError(f"{where} has its own _apply_gate, which finteam_kernels does not support")
-    # By exact type: a subclass may compute something else.
-    name = _ACTIVATIONS.get(type(getattr(experts, "act_fn", None)))
+    name = hf_activation(getattr(experts, "act_fn", None))
     if name is None:
         hidden_act = getattr(experts.config, "hidden_act", "?")
         raise ValueError(
@@ -83,23 +88,15 @@ def activation_of(experts: nn.Module) -> str:
     return name
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes matmuls in on `device`, or None outside autocast."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 def finteam_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The experts forward that transformers calls for experts_implementation="finteam":
     hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
     activation = activation_of(self)
-    x_TH, w_gate_up_E2IH, w_down_EHI = hidden_states, self.gate_up_proj, self.down_proj
-    # Autocast does not reach into custom ops: cast as it would cast the eager path's F.linear.
-    dtype = autocast_dtype(hidden_states.device) or w_gate_up_E2IH.dtype
-    x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (x_TH, w_gate_up_E2IH, w_down_EHI))
+    # autocast does not reach into custom ops: cast as it would for the eager experts' F.linear
+    dtype = compute_dtype(hidden_states.device, self.gate_up_proj.dtype)
+    x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (hidden_states, self.gate_up_proj, self.down_proj))
     out_TH = moe_experts(
         x_TH, top_k_index, top_k_weights, w_gate_up_E2IH, w_down_EHI, activation,
         backend=getattr(self, "finteam_backend", None),

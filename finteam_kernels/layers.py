@@ -1,0 +1,256 @@
+"""FinTeamMoE: the Mixture-of-Experts layer over the finteam_kernels ops.
+
+Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, S shared expert
+intermediate.
+
+    logits_TE = gate(x_TH)                                  the router, a bias-free Linear
+    routing   = topk_gating(logits_TE, K, score, renormalize, expert_bias, groups, scaling)
+    out_TH    = moe_experts(x_TH, routing.ids_TK, routing.weights_TK [* kept], W_gu, W_down)
+                (expert-parallel: parallel.expert_parallel_experts, same result)
+    out_TH   += [sigmoid(shared_expert_gate(x_TH)) *] shared_expert(x_TH)
+
+Parameter names and layouts are transformers 5's (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE):
+`gate.weight [E, H]`, `experts.gate_up_proj [E, 2I, H]` (gate rows, then up rows),
+`experts.down_proj [E, H, I]`, `shared_expert.{gate,up,down}_proj.weight` and
+`shared_expert_gate.weight [1, H]`, so those blocks' state dicts load as they are (the older
+per-expert `experts.<e>.w1/w2/w3` layout too: `_layer_state.py`). The `expert_bias [E]` buffer
+(fp32, saved; zero when a checkpoint lacks it) steers selection only: aux-loss-free balancing,
+updated by `finteam_kernels.update_expert_bias(model)` after the optimizer step.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from ._backend import BACKENDS
+from ._layer_state import ExpertsStateMixin, check_number, zero_bias_when_missing
+from .ops.moe_experts import moe_experts
+from .ops.router_losses import router_losses
+from .ops.topk_gating import topk_gating
+from .parallel import expert_parallel_experts, shard_range
+from .reference import ACTIVATIONS
+from .router import RouterStats, capacity_keep
+
+_GLU_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+_HF_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype the experts compute in: autocast's (which does not reach into custom ops, so the
+    inputs are cast as autocast would cast a Linear's), else `default`."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
+class FinTeamExperts(ExpertsStateMixin, nn.Module):
+    """The routed experts' weights: all E, or this rank's E/P under expert parallelism."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype=None, device=None):
+        super().__init__()
+        self.num_experts, self.expert_range, self.ep_group = num_experts, (0, num_experts), None
+        factory = dict(dtype=dtype, device=device)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.reset_parameters()
+        self.register_state_hooks()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's effective init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        for w in (self.gate_up_proj, self.down_proj):
+            bound = w.shape[2] ** -0.5
+            nn.init.uniform_(w, -bound, bound)
+
+    def shard_(self, ep_group) -> None:
+        """Keep only this rank's experts of `ep_group` (freeing the others)."""
+        if self.ep_group is not None:
+            raise RuntimeError("FinTeamMoE.shard_experts_: the experts are already sharded")
+        lo, hi = shard_range(self.num_experts, ep_group)
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(self, name)
+                setattr(self, name, nn.Parameter(w[lo:hi].clone(), requires_grad=w.requires_grad))
+        self.expert_range, self.ep_group = (lo, hi), ep_group
+
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, activation: str, backend) -> torch.Tensor:
+        dtype = compute_dtype(x_TH.device, self.gate_up_proj.dtype)
+        x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (x_TH, self.gate_up_proj, self.down_proj))
+        if self.ep_group is None:
+            return moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, backend=backend)
+        return expert_parallel_experts(
+            x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, self.ep_group, backend=backend
+        )
+
+    def extra_repr(self) -> str:
+        E_local, I2, H = self.gate_up_proj.shape
+        shard = "" if self.ep_group is None else f", holding experts [{self.expert_range[0]}, {self.expert_range[1]})"
+        return f"num_experts={self.num_experts}, hidden_size={H}, intermediate_size={I2 // 2}{shard}"
+
+
+class SharedExpert(nn.Module):
+    """A dense GLU MLP that every token goes through, named like Qwen2-MoE's."""
+
+    def __init__(self, hidden_size, intermediate_size, activation, *, dtype=None, device=None):
+        super().__init__()
+        factory = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **factory)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **factory)
+        self.act_fn = _GLU_ACTIVATIONS[activation]
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x_TH)) * self.up_proj(x_TH))
+
+
+class FinTeamMoE(nn.Module):
+    """A Mixture-of-Experts layer: x [..., H] -> [..., H]. See the module docstring for the math
+    and the state dict; `router_stats` holds what the router did in the last forward."""
+
+    def __init__(
+        self, hidden_size, intermediate_size, num_experts, top_k, *, score="softmax", renormalize=True,
+        aux_loss_coef=0.01, z_loss_coef=0.0, bias_update_rate=0.0, capacity_factor=None, shared_expert_size=None,
+        shared_expert_gate=False, activation="silu", num_groups=1, topk_groups=1, scaling=1.0, backend="auto",
+        ep_group=None, dtype=None, device=None,
+    ):
+        super().__init__()
+        op = "FinTeamMoE"
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("num_experts", num_experts)):
+            _checks.check_int(op, name, value, 1)
+        _checks.check_int(op, "top_k", top_k, 1, num_experts, " (at most num_experts)")
+        _checks.check_choice(op, "score", score, ("softmax", "sigmoid"))
+        _checks.check_choice(op, "activation", activation, ACTIVATIONS)
+        if backend is not None:
+            _checks.check_choice(op, "backend", backend, BACKENDS)
+        for name, value in (("renormalize", renormalize), ("shared_expert_gate", shared_expert_gate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{op}: {name} must be a bool; got {value!r}")
+        for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                            ("bias_update_rate", bias_update_rate)):
+            check_number(op, name, value, lo=0.0)
+        if capacity_factor is not None:
+            check_number(op, "capacity_factor", capacity_factor, lo=0.0, strict=True)
+        check_number(op, "scaling", scaling, lo=0.0, strict=True)
+        _checks.check_int(op, "num_groups", num_groups, 1, num_experts)
+        if num_experts % num_groups:
+            raise ValueError(f"{op}: num_groups ({num_groups}) must divide num_experts ({num_experts})")
+        _checks.check_int(op, "topk_groups", topk_groups, 1, num_groups, " (at most num_groups)")
+        if num_groups > 1 and top_k > topk_groups * (num_experts // num_groups):
+            raise ValueError(f"{op}: top_k ({top_k}) must be at most topk_groups * experts per group "
+                             f"({topk_groups} * {num_experts // num_groups})")
+        if shared_expert_size is not None:
+            _checks.check_int(op, "shared_expert_size", shared_expert_size, 1)
+        elif shared_expert_gate:
+            raise ValueError(f"{op}: shared_expert_gate=True needs a shared expert (shared_expert_size)")
+
+        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = (
+            hidden_size, intermediate_size, num_experts, top_k)
+        self.score, self.renormalize, self.activation, self.backend = score, renormalize, activation, backend
+        self.num_groups, self.topk_groups, self.scaling = num_groups, topk_groups, float(scaling)
+        self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        self.bias_update_rate, self.capacity_factor = float(bias_update_rate), capacity_factor
+
+        factory = dict(dtype=dtype, device=device)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.experts = FinTeamExperts(num_experts, hidden_size, intermediate_size, **factory)
+        self.shared_expert = (None if shared_expert_size is None
+                              else SharedExpert(hidden_size, shared_expert_size, activation, **factory))
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, **factory, bias=False) if shared_expert_gate else None
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        # Token counts since the last update_expert_bias (not saved: they belong to one step).
+        self.register_buffer("expert_load_E", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_load_state_dict_pre_hook(zero_bias_when_missing)
+        self.router_stats: RouterStats | None = None
+        if ep_group is not None:
+            self.shard_experts_(ep_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x_TH = x.reshape(-1, self.hidden_size)
+        logits_TE = self.gate(x_TH)
+        routing = topk_gating(
+            logits_TE, self.top_k, score=self.score, renormalize=self.renormalize, expert_bias=self.expert_bias,
+            num_groups=self.num_groups, topk_groups=self.topk_groups, scaling=self.scaling, backend=self.backend,
+        )
+        weights_TK, dropped = routing.weights_TK, torch.zeros((), dtype=torch.int64, device=x.device)
+        if self.capacity_factor is not None:
+            keep_TK, dropped = capacity_keep(routing.ids_TK, self.num_experts, self.capacity_factor, self.backend)
+            weights_TK = weights_TK * keep_TK
+        out_TH = self.experts(x_TH, routing.ids_TK, weights_TK, self.activation, self.backend)
+        if self.shared_expert is not None:
+            shared_TH = self.shared_expert(x_TH)
+            if self.shared_expert_gate is not None:
+                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+            out_TH = out_TH + shared_TH
+        losses = router_losses(logits_TE, routing.ids_TK, self.num_experts, backend=self.backend)
+        self.router_stats = RouterStats(losses.aux_loss, losses.z_loss, routing.tokens_per_expert_E, dropped)
+        if self.training and self.bias_update_rate > 0:
+            with torch.no_grad():
+                self.expert_load_E += routing.tokens_per_expert_E
+        return out_TH.view(*x.shape[:-1], self.hidden_size)
+
+    def _check_input(self, x) -> None:
+        weight = self.gate.weight
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FinTeamMoE: x must be a tensor [..., {self.hidden_size}]; got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"FinTeamMoE: x must be [..., {self.hidden_size}] (hidden_size last); got shape {tuple(x.shape)}")
+        if x.device != weight.device:
+            raise ValueError(f"FinTeamMoE: x is on {x.device} but the layer is on {weight.device}")
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+            raise TypeError(f"FinTeamMoE: x is {x.dtype} but the layer's parameters are {weight.dtype} "
+                            "(cast one of them, or run under torch.autocast)")
+
+    def shard_experts_(self, ep_group) -> "FinTeamMoE":
+        """Turn this full layer into its rank's shard of `ep_group` (E/P experts); returns self.
+        Its state dict then names the global experts it holds: `experts.gate_up_proj[lo:hi]`."""
+        self.experts.shard_(ep_group)
+        return self
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, *, backend="auto") -> "FinTeamMoE":
+        """A FinTeamMoE sharing the weights (no copies) of a transformers 5 Mixtral, Qwen2-MoE,
+        Qwen3-MoE or OLMoE sparse MoE block, computing what the block computes."""
+        from .hf import activation_of, hf_activation
+
+        if type(block).__name__ not in _HF_BLOCKS:
+            raise ValueError(f"FinTeamMoE.from_hf: {type(block).__name__} is not supported; expected one of "
+                             f"{', '.join(_HF_BLOCKS)}")
+        if getattr(block, "jitter_noise", 0.0):
+            raise ValueError("FinTeamMoE.from_hf: router jitter noise (router_jitter_noise > 0) is not supported")
+        router, experts = block.gate, block.experts
+        shared = getattr(block, "shared_expert", None)
+        E, I2, H = experts.gate_up_proj.shape
+        weight = experts.gate_up_proj
+        layer = cls(
+            H, I2 // 2, E, router.top_k, renormalize=getattr(router, "norm_topk_prob", True),
+            aux_loss_coef=getattr(experts.config, "router_aux_loss_coef", 0.01), activation=activation_of(experts),
+            shared_expert_size=None if shared is None else shared.gate_proj.out_features,
+            shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
+            backend=backend, dtype=weight.dtype, device="meta",
+        )
+        if shared is not None and hf_activation(shared.act_fn) != layer.activation:
+            raise ValueError("FinTeamMoE.from_hf: the shared expert's activation differs from the experts'")
+        if shared is not None and any(getattr(shared, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError("FinTeamMoE.from_hf: a shared expert with biases is not supported")
+        shared_modules = ((layer.gate, router, ("weight",)), (layer.experts, experts, ("gate_up_proj", "down_proj")))
+        if shared is not None:
+            shared_modules += tuple((getattr(layer.shared_expert, n), getattr(shared, n), ("weight",))
+                                    for n in ("gate_proj", "up_proj", "down_proj"))
+        if layer.shared_expert_gate is not None:
+            shared_modules += ((layer.shared_expert_gate, block.shared_expert_gate, ("weight",)),)
+        for ours, theirs, names in shared_modules:
+            for name in names:
+                setattr(ours, name, getattr(theirs, name))
+        layer.expert_bias = torch.zeros(E, dtype=torch.float32, device=weight.device)
+        layer.expert_load_E = torch.zeros(E, dtype=torch.int64, device=weight.device)
+        return layer.train(block.training)
+
+    def extra_repr(self) -> str:
+        options = [f"top_k={self.top_k}", f"score={self.score!r}", f"activation={self.activation!r}"]
+        if self.capacity_factor is not None:
+            options.append(f"capacity_factor={self.capacity_factor}")
+        if self.num_groups > 1:
+            options.append(f"num_groups={self.num_groups}, topk_groups={self.topk_groups}")
+        return ", ".join(options)
