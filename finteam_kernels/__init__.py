@@ -22,18 +22,23 @@ from .ops.permute import permute
 from .ops.router_losses import router_losses
 from .ops.topk_gating import topk_gating
 from .ops.unpermute import unpermute
+from .layers import FinTeamMoE
+from .router import router_aux_loss, update_expert_bias
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DispatchPlan",
+    "FinTeamMoE",
     "RouterLosses",
     "Routing",
     "dispatch",
     "grouped_gemm",
     "moe_experts",
     "permute",
+    "router_aux_loss",
     "router_losses",
     "topk_gating",
     "unpermute",
+    "update_expert_bias",
 ]
