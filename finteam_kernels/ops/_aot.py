@@ -44,7 +44,8 @@ def compile_spec(spec, arch: int) -> dict:
     result = {"name": spec.name, "arch": f"sm_{arch}", "hot": spec.hot, "num_warps": spec.num_warps,
               "num_stages": spec.num_stages}
     try:
-        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
+        source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as err:  # a compile failure is the finding, not a crash of the report

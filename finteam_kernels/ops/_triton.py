@@ -52,3 +52,7 @@ class AotSpec(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     hot: bool = True  # on the hot path: must compile without register spills
+    # arguments a real launch sees as multiples of 16 (pointers 16-byte aligned, sizes and strides
+    # multiples of 16): Triton specializes on that (and on unit strides, which a spec gives as
+    # constexpr 1), and vectorized, pipelined loads depend on it
+    aligned: tuple = ()
