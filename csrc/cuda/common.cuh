@@ -2,11 +2,11 @@
 // reductions, and the dtype switch that turns a runtime DType into a template argument.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "kernels.h"
 
@@ -22,11 +22,17 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162flo
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -66,6 +72,37 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return warp_sum(v);
 }
 
+// VEC consecutive elements at p, moved in 16-byte accesses when they fill whole ones (p must
+// then be 16-byte aligned), else one element at a time.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, T (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(VEC * sizeof(T) / 16); ++k) {
+      const uint4 bits = reinterpret_cast<const uint4*>(p)[k];
+      memcpy(reinterpret_cast<char*>(v) + 16 * k, &bits, 16);
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) v[q] = p[q];
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const T (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(VEC * sizeof(T) / 16); ++k) {
+      uint4 bits;
+      memcpy(&bits, reinterpret_cast<const char*>(v) + 16 * k, 16);
+      reinterpret_cast<uint4*>(p)[k] = bits;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) p[q] = v[q];
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
@@ -74,9 +111,12 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 
 template <typename F>
 cudaError_t with_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::F32: return f(float{});
-    case DType::F16: return f(__half{});
-    case DType::BF16: return f(__nv_bfloat16{});
+    case DType::F32:
+      return f(float{});
+    case DType::F16:
+      return f(__half{});
+    case DType::BF16:
+      return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

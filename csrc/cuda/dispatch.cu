@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kWarp)
   for (int e = lane; e < E; e += kWarp) counts[e] = seen[e];
 }
 
-__global__ void __launch_bounds__(kScanWarps * kWarp)
+__global__ void __launch_bounds__(kScanWarps* kWarp)
     dispatch_column_scan_kernel(int32_t* __restrict__ tile_counts_BE, int64_t tiles, int E,
                                 int32_t* __restrict__ counts_E) {
   const int lane = threadIdx.x % kWarp;

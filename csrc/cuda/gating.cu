@@ -108,7 +108,7 @@ __device__ __forceinline__ float score_of(float raw, const RowStats& stats, Scor
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kGatingWarps * kWarp)
+__global__ void __launch_bounds__(kGatingWarps* kWarp)
     topk_gating_fwd_kernel(const T* __restrict__ logits, int64_t stride_t, int64_t stride_e,
                            const float* __restrict__ bias_E, int64_t T_, int E, int K, Score score, bool renormalize,
                            int G, int topk_groups, float scaling, float* __restrict__ weights_TK,
@@ -184,11 +184,11 @@ __global__ void __launch_bounds__(kGatingWarps * kWarp)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kGatingWarps * kWarp)
+__global__ void __launch_bounds__(kGatingWarps* kWarp)
     topk_gating_bwd_kernel(const float* __restrict__ grad_w, int64_t stride_gt, int64_t stride_gk,
                            const T* __restrict__ logits, int64_t stride_t, int64_t stride_e,
-                           const int32_t* __restrict__ ids_TK, int64_t T_, int E, int K, Score score,
-                           bool renormalize, float scaling, T* __restrict__ grad_TE) {
+                           const int32_t* __restrict__ ids_TK, int64_t T_, int E, int K, Score score, bool renormalize,
+                           float scaling, T* __restrict__ grad_TE) {
   const int lane = threadIdx.x % kWarp;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kGatingWarps + threadIdx.x / kWarp;
   if (t >= T_) return;
@@ -269,7 +269,7 @@ cudaError_t count_experts(const void* ids, IdType id_type, int64_t n, int64_t E,
   return with_id_type(id_type, [&](auto tag) {
     using I = decltype(tag);
     count_experts_kernel<I><<<blocks, threads, E * sizeof(int32_t), stream>>>(static_cast<const I*>(ids), n,
-                                                                            static_cast<int>(E), counts_E);
+                                                                              static_cast<int>(E), counts_E);
     return cudaGetLastError();
   });
 }
@@ -278,8 +278,8 @@ int64_t topk_gating_max_experts() { return kSharedFloats / 2; }
 
 cudaError_t topk_gating_fwd(const void* logits, DType dtype, int64_t stride_t, int64_t stride_e, const float* bias_E,
                             int64_t T, int64_t E, int64_t K, Score score, bool renormalize, int64_t num_groups,
-                            int64_t topk_groups, float scaling, float* weights_TK, int32_t* ids_TK,
-                            int32_t* counts_E, cudaStream_t stream) {
+                            int64_t topk_groups, float scaling, float* weights_TK, int32_t* ids_TK, int32_t* counts_E,
+                            cudaStream_t stream) {
   if (E > topk_gating_max_experts()) return cudaErrorInvalidValue;
   if (T > 0) {
     const int64_t per_warp = E + (num_groups > 1 ? num_groups : 0);
@@ -289,8 +289,7 @@ cudaError_t topk_gating_fwd(const void* logits, DType dtype, int64_t stride_t, i
       using Elem = decltype(tag);
       topk_gating_fwd_kernel<Elem><<<blocks, kGatingWarps * kWarp, shared, stream>>>(
           static_cast<const Elem*>(logits), stride_t, stride_e, bias_E, T, static_cast<int>(E), static_cast<int>(K),
-          score, renormalize, static_cast<int>(num_groups), static_cast<int>(topk_groups), scaling, weights_TK,
-          ids_TK);
+          score, renormalize, static_cast<int>(num_groups), static_cast<int>(topk_groups), scaling, weights_TK, ids_TK);
       return cudaGetLastError();
     });
     if (err != cudaSuccess) return err;

@@ -11,10 +11,10 @@
 // None of these synchronises with the host.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime_api.h>
 
 namespace finteam {
 
@@ -27,15 +27,15 @@ enum class Act { SiLU, GeLU, GeLUTanh };
 // weights_TK (float), ids_TK (int32), counts_E (int32, zeroed here). logits has strides
 // (stride_t, stride_e); bias_E is float or null. Fails (returns an error) when E needs more
 // shared memory than one block may have.
-cudaError_t topk_gating_fwd(const void* logits, DType dtype, int64_t stride_t, int64_t stride_e,
-                            const float* bias_E, int64_t T, int64_t E, int64_t K, Score score,
-                            bool renormalize, int64_t num_groups, int64_t topk_groups, float scaling,
-                            float* weights_TK, int32_t* ids_TK, int32_t* counts_E, cudaStream_t stream);
+cudaError_t topk_gating_fwd(const void* logits, DType dtype, int64_t stride_t, int64_t stride_e, const float* bias_E,
+                            int64_t T, int64_t E, int64_t K, Score score, bool renormalize, int64_t num_groups,
+                            int64_t topk_groups, float scaling, float* weights_TK, int32_t* ids_TK, int32_t* counts_E,
+                            cudaStream_t stream);
 // grad_weights_TK float with strides; ids_TK int32 contiguous; grad_logits_TE contiguous, logits' dtype.
 cudaError_t topk_gating_bwd(const float* grad_weights, int64_t stride_gt, int64_t stride_gk, const void* logits,
                             DType dtype, int64_t stride_t, int64_t stride_e, const int32_t* ids_TK, int64_t T,
-                            int64_t E, int64_t K, Score score, bool renormalize, float scaling,
-                            void* grad_logits_TE, cudaStream_t stream);
+                            int64_t E, int64_t K, Score score, bool renormalize, float scaling, void* grad_logits_TE,
+                            cudaStream_t stream);
 // counts_E[e] = number of the n ids equal to e (zeroed here; integer atomics, deterministic).
 cudaError_t count_experts(const void* ids, IdType id_type, int64_t n, int64_t E, int32_t* counts_E,
                           cudaStream_t stream);
@@ -45,9 +45,9 @@ int64_t topk_gating_max_experts();
 // ---- router_losses.cu ----
 // Scratch: router_losses_scratch_bytes(T, E) bytes. aux and z are single floats.
 size_t router_losses_scratch_bytes(int64_t T, int64_t E);
-cudaError_t router_losses_fwd(const void* logits, DType dtype, int64_t stride_t, int64_t stride_e,
-                              const void* ids_TK, IdType id_type, int64_t T, int64_t E, int64_t K, void* scratch,
-                              float* aux, float* z, cudaStream_t stream);
+cudaError_t router_losses_fwd(const void* logits, DType dtype, int64_t stride_t, int64_t stride_e, const void* ids_TK,
+                              IdType id_type, int64_t T, int64_t E, int64_t K, void* scratch, float* aux, float* z,
+                              cudaStream_t stream);
 // grad_aux, grad_z: single floats on the device. grad_logits_TE contiguous, logits' dtype.
 cudaError_t router_losses_bwd(const float* grad_aux, const float* grad_z, const void* logits, DType dtype,
                               int64_t stride_t, int64_t stride_e, const void* ids_TK, IdType id_type, int64_t T,
@@ -55,9 +55,8 @@ cudaError_t router_losses_bwd(const float* grad_aux, const float* grad_z, const 
 
 // ---- dispatch.cu ----
 size_t dispatch_scratch_bytes(int64_t N, int64_t E);
-cudaError_t dispatch_fwd(const void* ids_N, IdType id_type, int64_t N, int64_t E, void* scratch,
-                         int64_t* offsets_E1, int32_t* counts_E, int32_t* row_to_slot_N, int32_t* slot_to_row_N,
-                         cudaStream_t stream);
+cudaError_t dispatch_fwd(const void* ids_N, IdType id_type, int64_t N, int64_t E, void* scratch, int64_t* offsets_E1,
+                         int32_t* counts_E, int32_t* row_to_slot_N, int32_t* slot_to_row_N, cudaStream_t stream);
 
 // ---- rows.cu ----
 // out[r, :] = scale[index[r]] * src[index[r] / index_div, :]  (scale: float per slot, or null).

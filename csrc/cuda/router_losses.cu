@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kTileThreads)
 // experts e = warp, warp + 32, ...; its lanes split the tiles; every sum has a fixed order.
 __global__ void __launch_bounds__(kFinalThreads)
     router_final_kernel(const float* __restrict__ prob_sums_BE, const float* __restrict__ lse_sq_B,
-                        const int32_t* __restrict__ counts_E, int64_t tiles, int64_t T_, int E,
-                        float* __restrict__ aux, float* __restrict__ z) {
+                        const int32_t* __restrict__ counts_E, int64_t tiles, int64_t T_, int E, float* __restrict__ aux,
+                        float* __restrict__ z) {
   __shared__ float partial[kWarp];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -159,8 +159,8 @@ cudaError_t router_losses_fwd(const void* logits, DType dtype, int64_t stride_t,
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
-  router_final_kernel<<<1, kFinalThreads, 0, stream>>>(prob_sums_BE, lse_sq_B, counts_E, tiles, T,
-                                                       static_cast<int>(E), aux, z);
+  router_final_kernel<<<1, kFinalThreads, 0, stream>>>(prob_sums_BE, lse_sq_B, counts_E, tiles, T, static_cast<int>(E),
+                                                       aux, z);
   return cudaGetLastError();
 }
 
