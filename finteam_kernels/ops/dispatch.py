@@ -25,7 +25,7 @@ def dispatch_fwd(topk_ids_TK: torch.Tensor, num_experts: int):
 
     _checks.check_int("dispatch", "num_experts", num_experts, 1, dk.MAX_EXPERTS, " for the triton backend")
     device = topk_ids_TK.device
-    ids_N = topk_ids_TK.reshape(-1)
+    ids_N = topk_ids_TK.contiguous().view(-1)  # small: a copy only for strided ids
     N, E = ids_N.shape[0], num_experts
     offsets_E1 = torch.zeros(E + 1, dtype=torch.int64, device=device)
     counts_E = torch.zeros(E, dtype=torch.int32, device=device)

@@ -9,42 +9,42 @@ import torch
 from .. import _checks, reference
 from .._backend import kernel, pick_backend
 from .._types import DispatchPlan
-from ._triton import cdiv, device_guard, row_block
+from ._triton import cdiv, device_guard
 
 
 def permute_fwd(x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """Triton launcher of the forward gather."""
-    from .rows_kernels import _gather_rows_kernel
+    from .rows_kernels import _gather_rows_kernel, row_tile
 
     N, H = row_to_slot_N.shape[0], x_TH.shape[1]
     x_NH = x_TH.new_empty((N, H))
     if N == 0 or H == 0:
         return x_NH
-    block = row_block(H)
+    block_r, block_h = row_tile(H)
     with device_guard(x_TH):
-        _gather_rows_kernel[(N, cdiv(H, block))](
+        _gather_rows_kernel[(cdiv(N, block_r), cdiv(H, block_h))](
             x_TH, row_to_slot_N, x_NH,
-            H, x_TH.stride(0), x_TH.stride(1), x_NH.stride(0),
-            INDEX_DIV=top_k, BLOCK_H=block,
+            N, H, x_TH.stride(0), x_TH.stride(1), x_NH.stride(0),
+            INDEX_DIV=top_k, BLOCK_R=block_r, BLOCK_H=block_h,
         )
     return x_NH
 
 
 def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """Triton launcher of the backward gather-sum."""
-    from .rows_kernels import _combine_rows_kernel
+    from .rows_kernels import _combine_rows_kernel, row_tile
 
     N, H = grad_NH.shape
     T = N // top_k
     grad_TH = grad_NH.new_empty((T, H))
     if T == 0 or H == 0:
         return grad_TH
-    block = row_block(H)
+    block_t, block_h = row_tile(H)
     with device_guard(grad_NH):
-        _combine_rows_kernel[(T, cdiv(H, block))](
+        _combine_rows_kernel[(cdiv(T, block_t), cdiv(H, block_h))](
             grad_NH, slot_to_row_N, grad_NH, grad_TH,
-            H, top_k, grad_NH.stride(0), grad_NH.stride(1), 0, 0, grad_TH.stride(0),
-            HAS_WEIGHTS=False, BLOCK_H=block,
+            T, H, top_k, grad_NH.stride(0), grad_NH.stride(1), 0, 0, grad_TH.stride(0),
+            HAS_WEIGHTS=False, BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return grad_TH
 

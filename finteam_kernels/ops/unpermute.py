@@ -11,24 +11,24 @@ import torch
 from .. import _checks, reference
 from .._backend import kernel, pick_backend
 from .._types import DispatchPlan
-from ._triton import cdiv, device_guard, row_block
+from ._triton import cdiv, device_guard
 
 
 def unpermute_fwd(y_NH: torch.Tensor, slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """Triton launcher of the forward combine: out_TH in y's dtype, accumulated in fp32."""
-    from .rows_kernels import _combine_rows_kernel
+    from .rows_kernels import _combine_rows_kernel, row_tile
 
     T, K = topk_weights_TK.shape
     H = y_NH.shape[1]
     out_TH = y_NH.new_empty((T, H))
     if T == 0 or H == 0:
         return out_TH
-    block = row_block(H)
+    block_t, block_h = row_tile(H)
     with device_guard(y_NH):
-        _combine_rows_kernel[(T, cdiv(H, block))](
+        _combine_rows_kernel[(cdiv(T, block_t), cdiv(H, block_h))](
             y_NH, slot_to_row_N, topk_weights_TK, out_TH,
-            H, K, y_NH.stride(0), y_NH.stride(1), topk_weights_TK.stride(0), topk_weights_TK.stride(1),
-            out_TH.stride(0), HAS_WEIGHTS=True, BLOCK_H=block,
+            T, H, K, y_NH.stride(0), y_NH.stride(1), topk_weights_TK.stride(0), topk_weights_TK.stride(1),
+            out_TH.stride(0), HAS_WEIGHTS=True, BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return out_TH
 
@@ -37,7 +37,7 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
                   slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor):
     """Triton launcher of the backward: (grad_NH in y's dtype, grad_weights_TK in the weights'
     dtype), one pass over the rows."""
-    from .rows_kernels import _unpermute_bwd_kernel
+    from .rows_kernels import _unpermute_bwd_kernel, row_tile
 
     T, K = topk_weights_TK.shape
     N, H = y_NH.shape
@@ -45,12 +45,13 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
     grad_weights_TK = topk_weights_TK.new_zeros((T, K))
     if N == 0:
         return grad_NH, grad_weights_TK
+    block_r, block_h = row_tile(H)
     with device_guard(y_NH):
-        _unpermute_bwd_kernel[(N,)](
+        _unpermute_bwd_kernel[(cdiv(N, block_r),)](
             grad_TH, y_NH, row_to_slot_N, topk_weights_TK, grad_NH, grad_weights_TK,
-            H, K, grad_TH.stride(0), grad_TH.stride(1), y_NH.stride(0), y_NH.stride(1),
+            N, H, K, grad_TH.stride(0), grad_TH.stride(1), y_NH.stride(0), y_NH.stride(1),
             topk_weights_TK.stride(0), topk_weights_TK.stride(1), grad_NH.stride(0), grad_weights_TK.stride(0),
-            BLOCK_H=row_block(H),
+            BLOCK_R=block_r, BLOCK_H=block_h,
         )
     return grad_NH, grad_weights_TK
 
