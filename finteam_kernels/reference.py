@@ -143,9 +143,9 @@ def top_k_of(plan: DispatchPlan, num_tokens: int) -> int:
 def permute(x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """x_NH[r] = x_TH[token of row r]: each token copied once per choice, grouped by expert."""
     K = top_k_of(plan, x_TH.shape[0])
-    if K == 0:
-        return x_TH.new_empty((0, x_TH.shape[1]))
-    return x_TH.index_select(0, plan.row_to_slot_N.long() // K)
+    # With no tokens this is an empty gather that keeps x_TH in the autograd graph: a backward
+    # that skipped it would skip a collective in expert parallelism, and hang the other ranks.
+    return x_TH.index_select(0, plan.row_to_slot_N.long() // max(K, 1))
 
 
 def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor) -> torch.Tensor:
