@@ -117,6 +117,12 @@ def mean_embeddings(base, tokenizer, texts: list[str], max_len: int) -> torch.Te
     return mean_H.expand(base.config.num_hidden_layers, -1)
 
 
+def rows_from_means(means_RLH: torch.Tensor, scale: float) -> torch.Tensor:
+    """Router rows [R, L, H]: each role's mean minus the mean over roles, scaled to `scale`."""
+    centred_RLH = means_RLH - means_RLH.mean(0, keepdim=True)
+    return scale * centred_RLH / centred_RLH.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def router_rows(recipe: Recipe, base, tokenizer, data_dir: Path, num_experts: int, seed: int) -> list[torch.Tensor] | None:
     """Per layer [E, H] router weights for `recipe.assemble.router_init` (None: random)."""
     how = recipe.assemble.router_init
@@ -125,8 +131,7 @@ def router_rows(recipe: Recipe, base, tokenizer, data_dir: Path, num_experts: in
     n, max_len = recipe.data.router_prompts, recipe.model.seq_len
     measure = ffn_inputs if how == "hidden" else mean_embeddings
     means_RLH = torch.stack([measure(base, tokenizer, load_corpus(data_dir, role)[:n], max_len) for role in ROLES])
-    centred_RLH = means_RLH - means_RLH.mean(0, keepdim=True)
-    rows_RLH = recipe.assemble.router_scale * centred_RLH / centred_RLH.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    rows_RLH = rows_from_means(means_RLH, recipe.assemble.router_scale)
     rows = []
     for layer in range(rows_RLH.shape[1]):
         w_EH = torch.zeros(num_experts, rows_RLH.shape[2])

@@ -73,6 +73,9 @@ def save_model(model, path: Path, meta: dict, tokenizer=None, state_dict=None) -
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if state_dict is not None and model.config.tie_word_embeddings:
+        # A gathered (FSDP) state dict holds the tied head as a separate copy of the embedding.
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
