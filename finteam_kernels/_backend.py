@@ -32,6 +32,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result  # what is installed does not change: torch.compile reads it once
 def why_unusable(backend: str, device: torch.device, op: str) -> str | None:
     """None when `backend` can run `op` on tensors of `device`, else the reason it cannot."""
     if backend == "reference":
