@@ -68,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         return 0
     _init_distributed(recipe)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own log lines say what is loading; bars per file are noise
     from . import pipeline
     from .train import Interrupted
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import assemble, data, evaluate, instruct, pretrain, report
 from . import tokenizer as tokenizers
@@ -30,6 +31,9 @@ from .checkpoint import done, mark_done, stamp, write_json
 from .config import ROLES, Recipe
 from .progress import duration, log
 from .train import world
+
+
+hf_logging.disable_progress_bar()  # our log lines say what is loading; a bar per file is noise
 
 
 @dataclass
@@ -146,11 +150,14 @@ def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
 
 
 def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:
+    """Per task, up to `evaluate.max_examples` test examples spread evenly over the file (real
+    test files are often grouped: FiQA lists each post under ten wordings in a row)."""
     meta = data.load_task_meta(data_dir)
     tests: dict = {}
     for ex in data.load_tasks(data_dir, "test"):
         tests.setdefault(ex.task, []).append(ex)
-    return {t: tests[t][: recipe.evaluate.max_examples] for t in meta if t in tests}, meta
+    n = recipe.evaluate.max_examples
+    return {t: tests[t][:: max(1, len(tests[t]) // n)][:n] for t in meta if t in tests}, meta
 
 
 def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
