@@ -60,8 +60,12 @@ def topk_gating(
     """
     T, E = logits_TE.shape
     x_TE = wide(logits_TE)
-    alive_T = torch.isfinite(x_TE).any(dim=1, keepdim=True)
-    x_TE = torch.nan_to_num(x_TE, nan=float("-inf"), posinf=torch.finfo(x_TE.dtype).max)
+    finite_TE = torch.isfinite(x_TE)
+    alive_T = finite_TE.any(dim=1, keepdim=True)
+    # Non-finite logits get no gradient: selected by where (not multiplied by a 0/1 mask, which
+    # would turn an overflowed gradient into NaN).
+    extremes_TE = torch.nan_to_num(x_TE.detach(), nan=float("-inf"), posinf=torch.finfo(x_TE.dtype).max)
+    x_TE = torch.where(finite_TE, x_TE, extremes_TE)
     # A dead row of NaNs would be all -inf here, its softmax NaN, and the NaN would leak into its
     # gradient through the where below: score dead rows from zeros instead.
     x_TE = torch.where(alive_T, x_TE, 0.0)

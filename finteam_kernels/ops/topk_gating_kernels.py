@@ -195,9 +195,9 @@ def _topk_gating_bwd_kernel(
 
     grad_weights [T, K] any float dtype and strides (stride 0 too); logits [T, E] any strides;
     ids [T, K] int32/int64, distinct per row; grad_logits contiguous [T, E] in its own dtype.
-    Non-finite logits and dead rows get zero gradient, as through the reference's nan_to_num
-    and where. The renormalisation's denominator is clamped at the smallest normal float; below
-    it no gradient flows through the denominator (clamp_min's rule).
+    Non-finite logits and dead rows get zero gradient, as in the reference. The renormalisation's
+    denominator is clamped at the smallest normal float; below it no gradient flows through the
+    denominator (clamp_min's rule).
 
     Cost: one read of the logits, one write of their gradient, K*12 bytes read per token.
     """
@@ -217,16 +217,20 @@ def _topk_gating_bwd_kernel(
         hit = lanes[None, :] == expert[:, None]
         grad = tl.where(hit, grad_j.to(tl.float32)[:, None], grad)
         chosen = tl.where(hit, 1, chosen)
+    # With renormalisation the gradient to the scores is grad / denom: the division is taken on the
+    # scores' side (ratio = scores / denom <= 1 on picked lanes), so that a row whose picked scores
+    # underflow (denom clamped to the smallest normal) stays finite where the math is.
     grad = grad * scaling
+    ratio = scores
     if renormalize:
         total = tl.sum(tl.where(chosen != 0, scores, 0.0), axis=1)
-        denom = tl.maximum(total, _FLT_TINY)
-        through_total = tl.where(total >= _FLT_TINY, tl.sum(grad * scores, axis=1) / denom / denom, 0.0)
-        grad = tl.where(chosen != 0, grad / denom[:, None] - through_total[:, None], 0.0)
+        ratio = scores / tl.maximum(total, _FLT_TINY)[:, None]
+        through_total = tl.where(total >= _FLT_TINY, tl.sum(grad * ratio, axis=1), 0.0)
+        grad = tl.where(chosen != 0, grad - through_total[:, None], 0.0)
     if sigmoid:
-        grad = grad * scores * (1.0 - scores)
+        grad = grad * ratio * (1.0 - scores)
     else:
-        grad = scores * (grad - tl.sum(grad * scores, axis=1)[:, None])
+        grad = grad * ratio - scores * tl.sum(grad * ratio, axis=1)[:, None]
     grad = tl.where(alive[:, None] & finite, grad, 0.0)
     tl.store(grad_logits_ptr + rows[:, None] * E + lanes[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
              mask=row_ok[:, None] & lane_ok)
