@@ -55,11 +55,12 @@ def gemm(a: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, 
     def grid(meta):
         return ((cdiv(N, meta["BLOCK_M"]) + min(E, N)) * cdiv(O, meta["BLOCK_N"]),)
 
+    family = kernels.family(a.element_size(), glu)
     with device_guard(a):
         if autotune_enabled():
-            kernels.grouped_gemm_tuned[grid](*args, **flags)
+            kernels.GEMM_TUNED[family][grid](*args, **flags)
         else:
-            meta = kernels.default_gemm_config(N, E, a.element_size(), glu)
+            meta = kernels.default_gemm_config(family, N, E)
             kernels._grouped_gemm_kernel[grid(meta)](*args, **flags, **meta)
     return y, h
 
@@ -86,11 +87,12 @@ def wgrad(dy: torch.Tensor, a: torch.Tensor, expert_offsets_E1: torch.Tensor, *,
     def grid(meta):
         return (cdiv(O, meta["BLOCK_O"]) * cdiv(D, meta["BLOCK_D"]), E)
 
+    family = kernels.family(a.element_size())
     with device_guard(a):
         if autotune_enabled():
-            kernels.grouped_wgrad_tuned[grid](*args, **flags)
+            kernels.WGRAD_TUNED[family][grid](*args, **flags)
         else:
-            meta = kernels.default_wgrad_config(a.element_size())
+            meta = kernels.default_wgrad_config(family, N, E)
             kernels._grouped_wgrad_kernel[grid(meta)](*args, **flags, **meta)
     return dw
 

@@ -31,22 +31,19 @@ import triton.language as tl
 # Experts scanned per step when a program looks for its row tile (any E works; this is the chunk).
 EXPERT_CHUNK = 128
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): few configs, each a proven matmul shape
-# for tensor cores; the default (see `default_gemm_config`) is picked without tuning.
-GEMM_CONFIGS = (
-    (128, 128, 64, 8, 3),  # large expert blocks: best operand reuse
-    (128, 64, 64, 4, 4),  # large blocks, narrow outputs (and the GLU tile, which holds two accumulators)
-    (64, 128, 64, 4, 3),  # few rows per expert (decode, many experts)
-    (64, 64, 32, 4, 4),  # fp32 operands, and the smallest problems
-)
+# Config families, each a few (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that compile
+# without register spills for sm_80 and sm_90 (see aot_specs): "plain" 16-bit GEMMs, "glu" (the
+# gate/up GEMM, which holds two accumulators), and "fp32" operands (FMA or TF32, no wgmma).
+GEMM_CONFIGS = {
+    "plain": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
+    "glu": ((128, 64, 32, 8, 4), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)),
+    "fp32": ((32, 64, 32, 4, 3),),
+}
 # (BLOCK_O, BLOCK_D, BLOCK_K, num_warps, num_stages) of the weight gradient; BLOCK_K runs over rows.
-WGRAD_CONFIGS = (
-    (128, 128, 64, 8, 3),
-    (64, 128, 64, 4, 3),
-    (64, 64, 32, 4, 4),
-)
-# Shared memory a config may ask for (bytes): fits sm_80 (164 KiB) and sm_90 (227 KiB).
-SHARED_LIMIT = 160 * 1024
+WGRAD_CONFIGS = {
+    "plain": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
+    "fp32": ((32, 64, 32, 4, 3),),
+}
 
 
 @triton.jit
@@ -220,6 +217,10 @@ def _grouped_wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & d_mask[None, :])
 
 
+def family(element_size: int, glu: bool = False) -> str:
+    return "fp32" if element_size == 4 else ("glu" if glu else "plain")
+
+
 def gemm_meta(config) -> dict:
     block_m, block_n, block_k, num_warps, num_stages = config
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
@@ -232,43 +233,26 @@ def wgrad_meta(config) -> dict:
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-def _shared_bytes(meta: dict, element_size: int, glu: bool) -> int:
-    """Shared memory of the operand pipeline (the epilogue reuses it)."""
-    if "BLOCK_M" in meta:
-        tile = meta["BLOCK_M"] * meta["BLOCK_K"] + (2 if glu else 1) * meta["BLOCK_K"] * meta["BLOCK_N"]
-    else:
-        tile = (meta["BLOCK_O"] + meta["BLOCK_D"]) * meta["BLOCK_K"]
-    return meta["num_stages"] * tile * element_size
+def default_gemm_config(name: str, rows: int, experts: int) -> dict:
+    """The config used without tuning: tall row tiles when experts get many rows, short ones when
+    they get few (then most of a tall tile would be masked)."""
+    configs = GEMM_CONFIGS[name]
+    few = rows <= 64 * max(experts, 1)
+    if name == "plain":
+        return gemm_meta(configs[2] if few else configs[0])
+    if name == "glu":
+        return gemm_meta(configs[1] if few else configs[0])
+    return gemm_meta(configs[0])
 
 
-def fits(meta: dict, element_size: int, glu: bool = False) -> bool:
-    return _shared_bytes(meta, element_size, glu) <= SHARED_LIMIT
-
-
-def default_gemm_config(rows: int, experts: int, element_size: int, glu: bool) -> dict:
-    """The config used without tuning: wide tiles when experts get many rows, narrow row tiles
-    when they get few (then most of a tall tile would be masked), small K steps for fp32."""
-    if element_size == 4:
-        return gemm_meta(GEMM_CONFIGS[3])
-    if rows <= 64 * max(experts, 1):
-        return gemm_meta(GEMM_CONFIGS[2] if not glu else GEMM_CONFIGS[3])
-    return gemm_meta(GEMM_CONFIGS[1] if glu else GEMM_CONFIGS[0])
-
-
-def default_wgrad_config(element_size: int) -> dict:
-    return wgrad_meta(WGRAD_CONFIGS[2] if element_size == 4 else WGRAD_CONFIGS[1])
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose operand pipeline would not fit in shared memory for these dtypes."""
-    element_size = named_args["a_ptr"].element_size()
-    glu = kwargs.get("ACTIVATION", "none") != "none"
-    kept = [c for c in configs if fits({**c.kwargs, "num_stages": c.num_stages}, element_size, glu)]
-    return kept or configs[-1:]
+def default_wgrad_config(name: str, rows: int, experts: int) -> dict:
+    """Wide tiles when each expert has enough rows to amortise them."""
+    configs = WGRAD_CONFIGS[name]
+    return wgrad_meta(configs[0] if name == "fp32" or rows >= 256 * max(experts, 1) else configs[1])
 
 
 def _autotune(configs, key):
-    options = {"configs": configs, "key": key, "prune_configs_by": {"early_config_prune": _prune}}
+    options = {"configs": configs, "key": key}
     # an on-disk cache of tuning results (keyed by GPU, Triton version and kernel source) where
     # this Triton has one, so a new process does not retune
     if "cache_results" in inspect.signature(triton.autotune).parameters:
@@ -281,64 +265,97 @@ def _as_config(meta: dict):
     return triton.Config(meta, num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
 
 
-grouped_gemm_tuned = _autotune(
-    [_as_config(gemm_meta(c)) for c in GEMM_CONFIGS],
-    key=["rows_bucket", "O", "D", "GATHER", "ACTIVATION", "STORE_H"],
-)(_grouped_gemm_kernel)
-grouped_wgrad_tuned = _autotune(
-    [_as_config(wgrad_meta(c)) for c in WGRAD_CONFIGS], key=["rows_bucket", "O", "D", "GATHER"],
-)(_grouped_wgrad_kernel)
+GEMM_TUNED = {
+    name: _autotune([_as_config(gemm_meta(c)) for c in configs],
+                    key=["rows_bucket", "O", "D", "GATHER", "ACTIVATION", "STORE_H"])(_grouped_gemm_kernel)
+    for name, configs in GEMM_CONFIGS.items()
+}
+WGRAD_TUNED = {
+    name: _autotune([_as_config(wgrad_meta(c)) for c in configs],
+                    key=["rows_bucket", "O", "D", "GATHER"])(_grouped_wgrad_kernel)
+    for name, configs in WGRAD_CONFIGS.items()
+}
+
+_GEMM_SIGNATURE = {
+    "a_ptr": "*{t}", "index_ptr": "*i32", "b_ptr": "*{t}", "offsets_ptr": "*i64", "c_ptr": "*{t}", "h_ptr": "*{t}",
+    "N": "i32", "O": "i32", "D": "i32", "E": "i32", "index_div": "i32", "rows_bucket": "i32",
+    "stride_am": "i64", "stride_ad": "i64", "stride_be": "i64", "stride_bo": "i64", "stride_bd": "i64",
+    "stride_cm": "i64", "stride_co": "i64", "stride_hm": "i64", "stride_ho": "i64",
+}
+_WGRAD_SIGNATURE = {
+    "dy_ptr": "*{t}", "a_ptr": "*{t}", "index_ptr": "*i32", "offsets_ptr": "*i64", "dw_ptr": "*{t}",
+    "O": "i32", "D": "i32", "index_div": "i32", "rows_bucket": "i32",
+    "stride_dym": "i64", "stride_dyo": "i64", "stride_am": "i64", "stride_ad": "i64",
+    "stride_dwe": "i64", "stride_dwo": "i64", "stride_dwd": "i64",
+}
+_UNALIGNED = ("N", "E", "index_div", "rows_bucket")  # row and expert counts: any value
+
+
+def aot_spec(tags, fn, signature, dtype, unit_strides, constexprs, meta):
+    """An AotSpec as a real launch compiles it: the unit strides become constexpr 1, pointers and
+    the other sizes and strides are multiples of 16 (model widths are)."""
+    from ._triton import AotSpec
+
+    meta = dict(meta)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    sig = {name: kind.format(t=dtype) for name, kind in signature.items()}
+    sig.update({name: "constexpr" for name in (*unit_strides, *constexprs, *meta)})
+    aligned = tuple(name for name, kind in sig.items() if kind != "constexpr" and name not in _UNALIGNED)
+    blocks = "x".join(str(v) for k, v in meta.items() if k.startswith("BLOCK"))
+    name = f"{fn.__name__.strip('_').removesuffix('_kernel')}[{tags},{dtype},{blocks},w{num_warps}s{num_stages}]"
+    return AotSpec(name, fn, sig,
+                   {**{name: 1 for name in unit_strides}, **constexprs, **meta},
+                   num_warps=num_warps, num_stages=num_stages, aligned=aligned)
 
 
 def aot_specs():
-    from ._triton import AotSpec
+    """Every config of every family, compiled for the variant that needs the most registers;
+    the other variants (layouts, epilogues, dtypes) with the family's default config.
 
+    The layouts are those the ops launch: x contiguous; w as stored ([E, O, D], "w") or
+    transposed for the backward's dx = dy @ w[e] ("w^T"); the weight gradient written as stored
+    or, for the down projection, transposed ("dw^T")."""
+    b_layouts = {"w": ("stride_ad", "stride_bd", "stride_co", "stride_ho"),
+                 "w^T": ("stride_ad", "stride_bo", "stride_co", "stride_ho")}
+    dw_layouts = {"dw": ("stride_dyo", "stride_ad", "stride_dwd"), "dw^T": ("stride_dyo", "stride_ad", "stride_dwo")}
+    # (family, dtype, dot precision, activation, GATHER, STORE_H, layout, every config?)
+    gemms = [
+        ("plain", "bf16", "ieee", "none", True, False, "w^T", True),  # moe backward: grad_out gathered @ W_down
+        ("plain", "bf16", "ieee", "none", False, False, "w", False),
+        ("plain", "bf16", "ieee", "none", False, False, "w^T", False),
+        ("plain", "fp16", "ieee", "none", False, False, "w", False),
+        ("glu", "bf16", "ieee", "silu", True, True, "w", True),
+        ("glu", "bf16", "ieee", "silu", True, False, "w", False),
+        ("glu", "bf16", "ieee", "gelu", True, True, "w", False),
+        ("glu", "bf16", "ieee", "gelu_tanh", True, True, "w", False),
+        ("glu", "fp16", "ieee", "silu", True, True, "w", False),
+        ("fp32", "fp32", "ieee", "none", False, False, "w", False),
+        ("fp32", "fp32", "ieee", "none", True, False, "w^T", False),
+        ("fp32", "fp32", "ieee", "silu", True, True, "w", False),
+        ("fp32", "fp32", "tf32", "silu", True, True, "w", False),
+    ]
     specs = []
-    for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
-        precision = "ieee"
-        # the fused variants run in the MoE layer in 16-bit dtypes; fp32 compiles the plain GEMMs
-        variants = [("none", False, False), ("none", True, False), ("silu", True, True), ("silu", True, False),
-                    ("gelu", True, True), ("gelu_tanh", True, True)] if size == 2 else [("none", False, False)]
-        for act, gather, store_h in variants:
-            for config in GEMM_CONFIGS:
-                meta = gemm_meta(config)
-                if not fits(meta, size, act != "none"):
-                    continue
-                if act.startswith("gelu") and config != GEMM_CONFIGS[1]:
-                    continue  # the GELU epilogues differ from SiLU's only in elementwise math
-                specs.append(AotSpec(
-                    f"grouped_gemm[{dtype},{act},GATHER={int(gather)},STORE_H={int(store_h)},"
-                    f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
-                    _grouped_gemm_kernel,
-                    {"a_ptr": f"*{dtype}", "index_ptr": "*i32", "b_ptr": f"*{dtype}", "offsets_ptr": "*i64",
-                     "c_ptr": f"*{dtype}", "h_ptr": f"*{dtype}",
-                     "N": "i32", "O": "i32", "D": "i32", "E": "i32", "index_div": "i32", "rows_bucket": "i32",
-                     "stride_am": "i64", "stride_ad": "i64", "stride_be": "i64", "stride_bo": "i64",
-                     "stride_bd": "i64", "stride_cm": "i64", "stride_co": "i64", "stride_hm": "i64",
-                     "stride_ho": "i64",
-                     "GATHER": "constexpr", "ACTIVATION": "constexpr", "STORE_H": "constexpr",
-                     "UPCAST": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-                     "EXPERT_CHUNK": "constexpr"},
-                    {"GATHER": gather, "ACTIVATION": act, "STORE_H": store_h, "UPCAST": False,
-                     "DOT_PRECISION": precision, "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"],
-                     "BLOCK_K": meta["BLOCK_K"], "GROUP_M": meta["GROUP_M"], "EXPERT_CHUNK": EXPERT_CHUNK},
-                    num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
-        for gather in ((False, True) if size == 2 else (False,)):
-            for config in WGRAD_CONFIGS:
-                meta = wgrad_meta(config)
-                if not fits(meta, size):
-                    continue
-                specs.append(AotSpec(
-                    f"grouped_wgrad[{dtype},GATHER={int(gather)},{meta['BLOCK_O']}x{meta['BLOCK_D']}x{meta['BLOCK_K']}]",
-                    _grouped_wgrad_kernel,
-                    {"dy_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "index_ptr": "*i32", "offsets_ptr": "*i64",
-                     "dw_ptr": f"*{dtype}", "O": "i32", "D": "i32", "index_div": "i32", "rows_bucket": "i32",
-                     "stride_dym": "i64", "stride_dyo": "i64", "stride_am": "i64", "stride_ad": "i64",
-                     "stride_dwe": "i64", "stride_dwo": "i64", "stride_dwd": "i64",
-                     "GATHER": "constexpr", "UPCAST": "constexpr", "DOT_PRECISION": "constexpr",
-                     "BLOCK_O": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"},
-                    {"GATHER": gather, "UPCAST": False, "DOT_PRECISION": precision, "BLOCK_O": meta["BLOCK_O"],
-                     "BLOCK_D": meta["BLOCK_D"], "BLOCK_K": meta["BLOCK_K"]},
-                    num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
+    for name, dtype, precision, act, gather, store_h, layout, every in gemms:
+        configs = GEMM_CONFIGS[name] if every else (GEMM_CONFIGS[name][0],)
+        for config in configs:
+            constexprs = {"GATHER": gather, "ACTIVATION": act, "STORE_H": store_h, "UPCAST": False,
+                          "DOT_PRECISION": precision, "EXPERT_CHUNK": EXPERT_CHUNK}
+            tags = f"{act},{layout}{',gather' if gather else ''}{',h' if store_h else ''},{precision}"
+            specs.append(aot_spec(tags, _grouped_gemm_kernel, _GEMM_SIGNATURE, dtype, b_layouts[layout], constexprs,
+                               gemm_meta(config)))
+    # (family, dtype, GATHER, layout, every config?)
+    wgrads = [
+        ("plain", "bf16", True, "dw^T", True),  # moe backward: dW_down^T = (w*a)^T @ grad_out gathered
+        ("plain", "bf16", True, "dw", False),
+        ("plain", "bf16", False, "dw", False),
+        ("plain", "fp16", False, "dw", False),
+        ("fp32", "fp32", True, "dw", False),
+    ]
+    for name, dtype, gather, layout, every in wgrads:
+        configs = WGRAD_CONFIGS[name] if every else (WGRAD_CONFIGS[name][0],)
+        for config in configs:
+            constexprs = {"GATHER": gather, "UPCAST": False, "DOT_PRECISION": "ieee"}
+            tags = f"{layout}{',gather' if gather else ''}"
+            specs.append(aot_spec(tags, _grouped_wgrad_kernel, _WGRAD_SIGNATURE, dtype, dw_layouts[layout], constexprs,
+                               wgrad_meta(config)))
     return specs

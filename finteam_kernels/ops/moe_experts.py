@@ -27,6 +27,7 @@ from ._triton import cdiv, device_guard
 from .dispatch import dispatch_fwd
 from .grouped_gemm import GEMM_DTYPES, gemm, wgrad
 from .permute import permute_bwd
+from .unpermute import unpermute_fwd
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,8 +36,6 @@ def moe_experts_fwd(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_
                     w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool):
     """Triton launcher of the forward: (out_TH, h_N2I, expert_offsets_E1, row_to_slot_N, slot_to_row_N),
     h_N2I being [0, 2I] unless needs_grad."""
-    from .unpermute import unpermute_fwd
-
     K = topk_ids_TK.shape[1]
     expert_offsets_E1, _, row_to_slot_N, slot_to_row_N = dispatch_fwd(topk_ids_TK, w_gate_up_E2IH.shape[0])
     a_NI, h_N2I = gemm(x_TH, w_gate_up_E2IH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K,

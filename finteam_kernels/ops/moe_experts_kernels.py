@@ -60,26 +60,25 @@ def _glu_backward_kernel(
 
 
 def launch_config(I: int) -> dict:
-    """About 4096 elements per program and step (8 warps, 16 per thread): whole rows when I is
-    small, 512-wide steps along I otherwise."""
+    """About 2048 elements per program and step (8 per thread): whole rows when I is small,
+    512-wide steps along I otherwise."""
     block_i = min(512, max(16, 1 << (I - 1).bit_length()))
-    return {"BLOCK_R": 4096 // block_i, "BLOCK_I": block_i, "num_warps": 8}
+    return {"BLOCK_R": 2048 // block_i, "BLOCK_I": block_i, "num_warps": 8, "num_stages": 1}
 
 
 def aot_specs():
-    from ._triton import AotSpec
+    from .grouped_gemm_kernels import aot_spec
 
+    signature = {
+        "h_ptr": "*{t}", "g_ptr": "*{t}", "slot_ptr": "*i32", "weights_ptr": "*fp32", "dh_ptr": "*{t}",
+        "wa_ptr": "*{t}", "grad_weights_ptr": "*fp32", "N": "i32", "I": "i32", "stride_hm": "i64",
+        "stride_hi": "i64", "stride_gm": "i64", "stride_gi": "i64", "stride_dhm": "i64", "stride_wam": "i64",
+    }
     specs = []
-    meta = launch_config(4096)
-    num_warps = meta.pop("num_warps")
-    for dtype, weight_dtype in (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "fp32")):
-        for act in ("silu", "gelu", "gelu_tanh"):
-            specs.append(AotSpec(
-                f"glu_backward[{dtype},weights {weight_dtype},{act}]", _glu_backward_kernel,
-                {"h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "slot_ptr": "*i32", "weights_ptr": f"*{weight_dtype}",
-                 "dh_ptr": f"*{dtype}", "wa_ptr": f"*{dtype}", "grad_weights_ptr": f"*{weight_dtype}",
-                 "N": "i32", "I": "i32", "stride_hm": "i64", "stride_hi": "i64", "stride_gm": "i64", "stride_gi": "i64",
-                 "stride_dhm": "i64", "stride_wam": "i64", "ACTIVATION": "constexpr", "BLOCK_R": "constexpr",
-                 "BLOCK_I": "constexpr"},
-                {"ACTIVATION": act, **meta}, num_warps=num_warps))
+    # (dtype, routing weights' dtype, activation): every activation in bf16, then the other dtypes
+    for dtype, weights, act in (("bf16", "fp32", "silu"), ("bf16", "fp32", "gelu"), ("bf16", "fp32", "gelu_tanh"),
+                                ("bf16", "bf16", "silu"), ("fp16", "fp32", "silu"), ("fp32", "fp32", "silu")):
+        sig = {**signature, "weights_ptr": f"*{weights}", "grad_weights_ptr": f"*{weights}"}
+        specs.append(aot_spec(f"{act},weights {weights}", _glu_backward_kernel, sig, dtype, ("stride_hi", "stride_gi"),
+                              {"ACTIVATION": act}, launch_config(4096)))
     return specs
