@@ -68,7 +68,7 @@ def _extensions():
         return [], {}, {"cpu": reason, "cuda": reason}
 
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
-    cxx = ["-O3", "-fno-math-errno", "-Wno-unused-parameter", *openmp]
+    cxx = ["-O3", "-g0", "-fno-math-errno", "-Wno-unused-parameter", *openmp]
     exts = [
         cpp_extension.CppExtension(
             f"{PACKAGE}._C_cpu",

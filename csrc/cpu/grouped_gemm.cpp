@@ -1,0 +1,108 @@
+// grouped_gemm on the CPU: y_NO[rows of e] = x_ND[rows of e] @ w_EOD[e]^T.
+//
+// Shape legend: E experts (groups), N rows, D input width, O output width.
+// An expert with few rows is weight-bound: its rows stream w[e] once through the bf16 kernel
+// (dot_bf16.h), with all such experts' weight rows split between the threads in one parallel
+// pass. An expert with many rows is a real GEMM and goes to ATen (oneDNN), which blocks for the
+// caches and the matrix units. The backward is GEMMs only: dx = dy @ w[e], dw[e] = dy^T @ x,
+// and an expert with no rows gets an exactly zero dw.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dot_bf16.h"
+#include "vmath.h"
+
+namespace finteam::cpu {
+namespace {
+
+constexpr int64_t kRowsPerTask = 64;
+
+std::vector<int64_t> host_offsets(const at::Tensor& offsets_E1, int64_t E, int64_t N, const char* op) {
+  const at::Tensor o = offsets_E1.to(at::kLong).contiguous();
+  TORCH_CHECK(o.numel() == E + 1, op, ": expert_offsets_E1 must have E+1 = ", E + 1, " entries; got ", o.numel());
+  std::vector<int64_t> v(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + E + 1);
+  TORCH_CHECK(v[0] == 0 && v[E] == N, op, ": expert_offsets_E1 must run from 0 to N=", N);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(v[e] <= v[e + 1], op, ": expert_offsets_E1 must be non-decreasing");
+  return v;
+}
+
+at::Tensor dense_rows(const at::Tensor& t) { return t.stride(-1) == 1 && t.stride(0) != 0 ? t : t.contiguous(); }
+
+// The experts whose rows go through the streaming kernel; all of them in one parallel pass.
+void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,
+                    const std::vector<int64_t>& experts, at::Tensor& y) {
+  const int64_t D = x.size(1), O = w.size(1);
+  const int64_t tasks_per_expert = (O + kRowsPerTask - 1) / kRowsPerTask;
+  const auto* xp = x.const_data_ptr<c10::BFloat16>();
+  const auto* wp = w.const_data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, static_cast<int64_t>(experts.size()) * tasks_per_expert, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> out(kSkinnyMaxRows * kRowsPerTask);
+    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t e = experts[task / tasks_per_expert];
+      const int64_t o0 = (task % tasks_per_expert) * kRowsPerTask, o1 = std::min(O, o0 + kRowsPerTask);
+      const int64_t first = offsets[e], M = offsets[e + 1] - first;
+      for (int64_t m = 0; m < M; ++m) rows[m] = xp + (first + m) * x.stride(0);
+      skinny_gemm_bf16(wp + e * w.stride(0), w.stride(1), D, o0, o1, rows.data(), M, out.data(), kRowsPerTask);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t o = o0; o < o1; ++o) yp[(first + m) * O + o] = vm::narrow<c10::BFloat16>(out[m * kRowsPerTask + o - o0]);
+      }
+    }
+  });
+}
+
+at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
+  const at::Tensor x = dense_rows(x_ND), w = dense_rows(w_EOD);
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_gemm: x_ND and w_EOD must have the same dtype");
+  const int64_t N = x.size(0), E = w.size(0), O = w.size(1);
+  auto y_NO = at::empty({N, O}, x.options());
+  const auto offsets = host_offsets(expert_offsets_E1, E, N, "grouped_gemm");
+  const bool streaming = x.scalar_type() == at::kBFloat16 && skinny_gemm_available() && x.size(1) > 0;
+  std::vector<int64_t> skinny;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    if (streaming && rows <= kSkinnyMaxRows) {
+      skinny.push_back(e);
+    } else {
+      auto out = y_NO.narrow(0, offsets[e], rows);
+      at::mm_out(out, x.narrow(0, offsets[e], rows), w[e].t());
+    }
+  }
+  if (!skinny.empty()) skinny_experts(x, w, offsets, skinny, y_NO);
+  return y_NO;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, const at::Tensor& x_ND,
+                                                    const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
+  const at::Tensor x = dense_rows(x_ND), w = dense_rows(w_EOD);
+  const at::Tensor grad = dense_rows(grad_NO.to(x.scalar_type()));
+  const int64_t N = x.size(0), E = w.size(0);
+  auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto grad_w = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const auto offsets = host_offsets(expert_offsets_E1, E, N, "grouped_gemm");
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    auto dw = grad_w[e];
+    if (rows == 0) {
+      dw.zero_();
+      continue;
+    }
+    const auto g = grad.narrow(0, offsets[e], rows);
+    auto dx = grad_x.narrow(0, offsets[e], rows);
+    at::mm_out(dx, g, w[e]);
+    at::mm_out(dw, g.t(), x.narrow(0, offsets[e], rows));
+  }
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finteam, CPU, m) {
+  m.impl("grouped_gemm_fwd", &grouped_gemm_fwd);
+  m.impl("grouped_gemm_bwd", &grouped_gemm_bwd);
+}
+
+}  // namespace finteam::cpu

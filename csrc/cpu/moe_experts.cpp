@@ -1,0 +1,276 @@
+// moe_experts on the CPU: the whole expert computation, forward and backward.
+//
+// Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K rows.
+//   out_TH[t] = sum_j w[t,j] * W_down[e] @ glu(W_gate_up[e] @ x[t]),  e = ids[t,j]
+//
+// Forward. The plan groups rows by expert (a counting sort). Then each expert is one of two
+// kinds, by its row count:
+//   - few rows (decode; bf16 on an AVX512-BF16 CPU): the time is reading the weights, so
+//     every byte of them is read once. Pass 1 splits the gate/up rows of all such experts
+//     between the threads; each task computes a block of gate rows and the matching up rows
+//     for the expert's tokens, read in place from x (no gather), and writes the activation
+//     (and h, when the backward needs it). Pass 2 splits the down-projection rows the same way.
+//   - many rows: two GEMMs through ATen (oneDNN) on the gathered rows, the gated unit between
+//     them in one vectorised pass.
+// Both write y_NH in expert order; the weighted combine then reduces each token's K rows in
+// slot order in fp32. Kept for the backward: h_N2I only (the activation is recomputed from it).
+//
+// Backward, per expert, with g = dout_rows @ W_down[e] (unweighted, one GEMM):
+//   d w[t,j] = <g, act>    d act = w * g    dh = glu'(h) * d act
+//   dW_down[e] = (w * dout_rows)^T @ act    dW_gate_up[e] = dh^T @ x_rows    dx_rows = dh @ W_gate_up[e]
+// which needs no second down-projection to recompute y. dx is reduced per token in slot order.
+// An expert with no rows gets exactly zero weight gradients.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dot_bf16.h"
+#include "glu.h"
+#include "rows.h"
+
+namespace finteam::cpu {
+namespace {
+
+constexpr int64_t kGateRowsPerTask = 32;
+constexpr int64_t kDownRowsPerTask = 64;
+
+struct Shapes {
+  int64_t T, H, I, E, K, N;
+};
+
+Shapes check_shapes(const at::Tensor& x_TH, const at::Tensor& weights_TK, const at::Tensor& w_gate_up_E2IH,
+                    const at::Tensor& w_down_EHI) {
+  TORCH_CHECK(x_TH.dim() == 2 && weights_TK.dim() == 2 && w_gate_up_E2IH.dim() == 3 && w_down_EHI.dim() == 3,
+              "moe_experts: expected x_TH [T, H], topk_weights_TK [T, K], w_gate_up_E2IH [E, 2I, H], w_down_EHI [E, H, I]");
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), K = weights_TK.size(1), E = w_gate_up_E2IH.size(0);
+  const int64_t I = w_down_EHI.size(2);
+  TORCH_CHECK(w_gate_up_E2IH.size(1) == 2 * I && w_gate_up_E2IH.size(2) == H && w_down_EHI.size(0) == E &&
+                  w_down_EHI.size(1) == H,
+              "moe_experts: weight shapes do not match: w_gate_up_E2IH ", w_gate_up_E2IH.sizes(), ", w_down_EHI ",
+              w_down_EHI.sizes(), ", x_TH ", x_TH.sizes());
+  TORCH_CHECK(x_TH.scalar_type() == w_gate_up_E2IH.scalar_type() && x_TH.scalar_type() == w_down_EHI.scalar_type(),
+              "moe_experts: x_TH and the expert weights must have the same dtype");
+  return {T, H, I, E, K, T * K};
+}
+
+at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+std::vector<int64_t> host_offsets(const at::Tensor& offsets_E1) {
+  const at::Tensor o = offsets_E1.to(at::kLong).contiguous();
+  return {o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel()};
+}
+
+// Rows of `x` (token order) that expert rows [first, first + M) read, without copying them.
+void token_rows(const at::Tensor& x, const int32_t* row_to_slot, int64_t K, int64_t first, int64_t M,
+                const c10::BFloat16** rows) {
+  const auto* base = x.const_data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) rows[m] = base + (row_to_slot[first + m] / K) * x.stride(0);
+}
+
+// The weight-streaming forward of the experts in `experts` (each with at most kSkinnyMaxRows
+// rows): writes y_NH rows, and h_N2I rows when h_N2I has any.
+void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Shapes& s, const at::Tensor& w_gate_up,
+                       const at::Tensor& w_down, Activation act, const std::vector<int64_t>& offsets,
+                       const std::vector<int64_t>& experts, at::Tensor& h_N2I, at::Tensor& y_NH) {
+  const int64_t I = s.I, H = s.H, count = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> act_row(count + 1, 0);  // each expert's first row in act_MI
+  for (int64_t i = 0; i < count; ++i) act_row[i + 1] = act_row[i] + offsets[experts[i] + 1] - offsets[experts[i]];
+  auto act_MI = at::empty({act_row[count], I}, x.options());
+  auto* act_data = act_MI.data_ptr<c10::BFloat16>();
+  const auto* wgu = w_gate_up.const_data_ptr<c10::BFloat16>();
+  const auto* wd = w_down.const_data_ptr<c10::BFloat16>();
+  const bool keep_h = h_N2I.size(0) > 0;
+  auto* h = keep_h ? h_N2I.data_ptr<c10::BFloat16>() : nullptr;
+
+  const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
+  at::parallel_for(0, count * gate_tasks, 1, [&](int64_t a, int64_t b) {
+    constexpr int64_t B = kGateRowsPerTask;
+    std::vector<float> gate(kSkinnyMaxRows * B), up(kSkinnyMaxRows * B), out(B);
+    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t i = task / gate_tasks, e = experts[i];
+      const int64_t i0 = (task % gate_tasks) * B, i1 = std::min(I, i0 + B), n = i1 - i0;
+      const int64_t first = offsets[e], M = offsets[e + 1] - first;
+      token_rows(x, row_to_slot, s.K, first, M, rows.data());
+      const c10::BFloat16* w = wgu + e * w_gate_up.stride(0);
+      skinny_gemm_bf16(w, H, H, i0, i1, rows.data(), M, gate.data(), B);
+      skinny_gemm_bf16(w, H, H, I + i0, I + i1, rows.data(), M, up.data(), B);
+      for (int64_t m = 0; m < M; ++m) {
+        glu_f32(gate.data() + m * B, up.data() + m * B, n, act, out.data());
+        c10::BFloat16* a_row = act_data + (act_row[i] + m) * I + i0;
+        for (int64_t k = 0; k < n; ++k) a_row[k] = vm::narrow<c10::BFloat16>(out[k]);
+        if (keep_h) {
+          c10::BFloat16* h_row = h + (first + m) * 2 * I;
+          for (int64_t k = 0; k < n; ++k) {
+            h_row[i0 + k] = vm::narrow<c10::BFloat16>(gate[m * B + k]);
+            h_row[I + i0 + k] = vm::narrow<c10::BFloat16>(up[m * B + k]);
+          }
+        }
+      }
+    }
+  });
+
+  const int64_t down_tasks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
+  auto* y = y_NH.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, count * down_tasks, 1, [&](int64_t a, int64_t b) {
+    constexpr int64_t B = kDownRowsPerTask;
+    std::vector<float> out(kSkinnyMaxRows * B);
+    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t i = task / down_tasks, e = experts[i];
+      const int64_t h0 = (task % down_tasks) * B, h1 = std::min(H, h0 + B);
+      const int64_t first = offsets[e], M = offsets[e + 1] - first;
+      for (int64_t m = 0; m < M; ++m) rows[m] = act_data + (act_row[i] + m) * I;
+      skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, rows.data(), M, out.data(), B);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = h0; k < h1; ++k) y[(first + m) * H + k] = vm::narrow<c10::BFloat16>(out[m * B + k - h0]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_fwd(
+    const at::Tensor& x_TH, const at::Tensor& topk_ids_TK, const at::Tensor& topk_weights_TK,
+    const at::Tensor& w_gate_up_E2IH, const at::Tensor& w_down_EHI, c10::string_view activation, bool needs_grad) {
+  const Activation act = parse_activation(activation);
+  const at::Tensor x = dense(x_TH), w_gate_up = dense(w_gate_up_E2IH), w_down = dense(w_down_EHI);
+  const Shapes s = check_shapes(x, topk_weights_TK, w_gate_up, w_down);
+  auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_plan(topk_ids_TK, s.E);
+  auto h_N2I = at::empty({needs_grad ? s.N : 0, 2 * s.I}, x.options());
+  auto y_NH = at::empty({s.N, s.H}, x.options());
+  const auto offsets = host_offsets(offsets_E1);
+  const int32_t* row_to_slot = row_to_slot_N.const_data_ptr<int32_t>();
+  const bool streaming = x.scalar_type() == at::kBFloat16 && skinny_gemm_available() && s.H > 0 && s.I > 0;
+  std::vector<int64_t> streamed;
+  for (int64_t e = 0; e < s.E; ++e) {
+    const int64_t first = offsets[e], M = offsets[e + 1] - first;
+    if (M == 0) continue;
+    if (streaming && M <= kSkinnyMaxRows) {
+      streamed.push_back(e);
+      continue;
+    }
+    auto x_rows = at::empty({M, s.H}, x.options());
+    gather_rows(x, row_to_slot, s.K, first, first + M, x_rows);
+    auto h = needs_grad ? h_N2I.narrow(0, first, M) : at::empty({M, 2 * s.I}, x.options());
+    at::mm_out(h, x_rows, w_gate_up[e].t());
+    auto a = at::empty({M, s.I}, x.options());
+    glu_rows(h, act, a);
+    auto y = y_NH.narrow(0, first, M);
+    at::mm_out(y, a, w_down[e].t());
+  }
+  if (!streamed.empty()) streaming_forward(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
+  auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
+  return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
+}
+
+// Per row of one expert: the activation (for dW_down), <g, act> (the routing weight's
+// gradient) and dh (for dW_gate_up and dx), from h and g = dout @ W_down[e].
+template <Activation A, typename scalar_t>
+FINTEAM_SIMD void expert_grad_rows(const scalar_t* h, const scalar_t* g, const int32_t* row_to_slot,
+                                   const acc_type<scalar_t>* w, int64_t I, int64_t r0, int64_t r1, scalar_t* act_out,
+                                   scalar_t* dh_out, acc_type<scalar_t>* grad_w) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* gate = h + r * 2 * I;
+    const scalar_t* up = gate + I;
+    const scalar_t* gr = g + r * I;
+    scalar_t* a_row = act_out + r * I;
+    scalar_t* dgate = dh_out + r * 2 * I;
+    scalar_t* dup = dgate + I;
+    const int32_t slot = row_to_slot[r];
+    const acc_t wt = w[slot];
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < I; ++i) {
+      acc_t f, df;
+      const acc_t a = vm::widen(gate[i]), u = vm::widen(up[i]), gv = vm::widen(gr[i]);
+      activation<A>(a, f, df);
+      dot += gv * f * u;
+      a_row[i] = vm::narrow<scalar_t>(f * u);
+      const acc_t da = wt * gv;
+      dgate[i] = vm::narrow<scalar_t>(da * u * df);
+      dup[i] = vm::narrow<scalar_t>(da * f);
+    }
+    grad_w[slot] = dot;
+  }
+}
+
+// dout rows scaled by their routing weights, in place: the gradient of the expert's output y.
+template <typename scalar_t>
+FINTEAM_SIMD void scale_rows(scalar_t* rows, int64_t H, const int32_t* row_to_slot, const acc_type<scalar_t>* w,
+                             int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_type<scalar_t> wt = w[row_to_slot[r]];
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) rows[r * H + k] = vm::narrow<scalar_t>(wt * vm::widen(rows[r * H + k]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
+    const at::Tensor& grad_TH, const at::Tensor& x_TH, const at::Tensor& topk_weights_TK,
+    const at::Tensor& w_gate_up_E2IH, const at::Tensor& w_down_EHI, const at::Tensor& h_N2I,
+    const at::Tensor& expert_offsets_E1, const at::Tensor& row_to_slot_N, const at::Tensor& slot_to_row_N,
+    c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  const at::Tensor x = dense(x_TH), w_gate_up = dense(w_gate_up_E2IH), w_down = dense(w_down_EHI);
+  const Shapes s = check_shapes(x, topk_weights_TK, w_gate_up, w_down);
+  TORCH_CHECK(h_N2I.size(0) == s.N, "moe_experts: the backward needs h_N2I from a forward with needs_grad=True");
+  const at::Tensor grad = rows_dense(grad_TH.to(x.scalar_type()));
+  const at::Tensor h_all = dense(h_N2I);
+  const at::Tensor w = topk_weights_TK.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor r2s = row_to_slot_N.to(at::kInt).contiguous();
+  const int32_t* row_to_slot = r2s.const_data_ptr<int32_t>();
+  auto grad_w = at::zeros({s.T, s.K}, w.options());
+  auto grad_w_gate_up = at::empty_like(w_gate_up);
+  auto grad_w_down = at::empty_like(w_down);
+  auto dx_NH = at::empty({s.N, s.H}, x.options());
+  const auto offsets = host_offsets(expert_offsets_E1);
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == s.E + 1, "moe_experts: expert_offsets_E1 must have E+1 entries");
+  for (int64_t e = 0; e < s.E; ++e) {
+    const int64_t first = offsets[e], M = offsets[e + 1] - first;
+    if (M == 0) {
+      grad_w_gate_up[e].zero_();
+      grad_w_down[e].zero_();
+      continue;
+    }
+    auto dout = at::empty({M, s.H}, x.options());
+    gather_rows(grad, row_to_slot, s.K, first, first + M, dout);
+    auto x_rows = at::empty({M, s.H}, x.options());
+    gather_rows(x, row_to_slot, s.K, first, first + M, x_rows);
+    const auto g = at::mm(dout, w_down[e]);
+    auto a = at::empty({M, s.I}, x.options());
+    auto dh = at::empty({M, 2 * s.I}, x.options());
+    const auto h = h_all.narrow(0, first, M);
+    FINTEAM_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_bwd", [&] {
+      with_activation(act, [&]<Activation A>() {
+        at::parallel_for(0, M, grain(16 * s.I), [&](int64_t r0, int64_t r1) {
+          expert_grad_rows<A, scalar_t>(h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                        row_to_slot + first, w.const_data_ptr<acc_type<scalar_t>>(), s.I, r0, r1,
+                                        a.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+                                        grad_w.data_ptr<acc_type<scalar_t>>());
+        });
+      });
+      at::parallel_for(0, M, grain(s.H), [&](int64_t r0, int64_t r1) {
+        scale_rows<scalar_t>(dout.data_ptr<scalar_t>(), s.H, row_to_slot + first, w.const_data_ptr<acc_type<scalar_t>>(),
+                             r0, r1);
+      });
+    });
+    auto dw_down = grad_w_down[e];
+    at::mm_out(dw_down, dout.t(), a);
+    auto dw_gate_up = grad_w_gate_up[e];
+    at::mm_out(dw_gate_up, dh.t(), x_rows);
+    auto dx = dx_NH.narrow(0, first, M);
+    at::mm_out(dx, dh, w_gate_up[e]);
+  }
+  auto grad_x = combine_rows(dx_NH, slot_to_row_N, at::Tensor(), s.K);
+  return {grad_x, grad_w.to(topk_weights_TK.scalar_type()), grad_w_gate_up, grad_w_down};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finteam, CPU, m) {
+  m.impl("moe_experts_fwd", &moe_experts_fwd);
+  m.impl("moe_experts_bwd", &moe_experts_bwd);
+}
+
+}  // namespace finteam::cpu
