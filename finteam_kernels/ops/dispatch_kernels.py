@@ -143,19 +143,20 @@ def aot_specs():
     block_n, rank_chunk, num_warps = GPU_BLOCKING
     specs = []
     lanes = sorted({expert_lanes(e) for e in range(1, MAX_EXPERTS + 1)})
-    for ids in ("i32", "i64"):
-        for e_pad in lanes:
-            specs.append(AotSpec(
-                f"dispatch_count[ids={ids},E_PAD={e_pad}]", _count_kernel,
-                {"ids_ptr": f"*{ids}", "hist_ptr": "*i32", "N": "i32", "E": "i32",
-                 "BLOCK_N": "constexpr", "E_PAD": "constexpr"},
-                {"BLOCK_N": block_n, "E_PAD": e_pad}, num_warps=num_warps))
-            specs.append(AotSpec(
-                f"dispatch_place[ids={ids},E_PAD={e_pad}]", _place_kernel,
-                {"ids_ptr": f"*{ids}", "prefix_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i64",
-                 "row_to_slot_ptr": "*i32", "slot_to_row_ptr": "*i32", "N": "i32", "E": "i32",
-                 "BLOCK_N": "constexpr", "E_PAD": "constexpr", "RANK_CHUNK": "constexpr"},
-                {"BLOCK_N": block_n, "E_PAD": e_pad, "RANK_CHUNK": rank_chunk}, num_warps=num_warps))
+    # every lane width with int32 ids; int64 ids (a wider load, same code after it) at both ends
+    variants = [("i32", e_pad) for e_pad in lanes] + [("i64", lanes[0]), ("i64", lanes[-1])]
+    for ids, e_pad in variants:
+        specs.append(AotSpec(
+            f"dispatch_count[ids={ids},E_PAD={e_pad}]", _count_kernel,
+            {"ids_ptr": f"*{ids}", "hist_ptr": "*i32", "N": "i32", "E": "i32",
+             "BLOCK_N": "constexpr", "E_PAD": "constexpr"},
+            {"BLOCK_N": block_n, "E_PAD": e_pad}, num_warps=num_warps))
+        specs.append(AotSpec(
+            f"dispatch_place[ids={ids},E_PAD={e_pad}]", _place_kernel,
+            {"ids_ptr": f"*{ids}", "prefix_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i64",
+             "row_to_slot_ptr": "*i32", "slot_to_row_ptr": "*i32", "N": "i32", "E": "i32",
+             "BLOCK_N": "constexpr", "E_PAD": "constexpr", "RANK_CHUNK": "constexpr"},
+            {"BLOCK_N": block_n, "E_PAD": e_pad, "RANK_CHUNK": rank_chunk}, num_warps=num_warps))
     specs.append(AotSpec(
         "dispatch_scan", _scan_kernel,
         {"hist_ptr": "*i32", "counts_ptr": "*i32", "num_blocks": "i32", "E": "i32",
