@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kGatingWarps* kWarp)
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kGatingWarps + warp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   if (t >= T_) return;
   const int per_warp = E + (G > 1 ? G : 0);
   float* choice = shared + static_cast<int64_t>(warp) * per_warp;
@@ -282,12 +282,15 @@ cudaError_t topk_gating_fwd(const void* logits, DType dtype, int64_t stride_t, i
                             cudaStream_t stream) {
   if (E > topk_gating_max_experts()) return cudaErrorInvalidValue;
   if (T > 0) {
+    // As many warps per block (at most kGatingWarps) as the rows' shared memory allows.
     const int64_t per_warp = E + (num_groups > 1 ? num_groups : 0);
-    const size_t shared = kGatingWarps * per_warp * sizeof(float);
-    const unsigned blocks = static_cast<unsigned>(ceil_div(T, kGatingWarps));
+    const int64_t fit = kSharedFloats / per_warp;
+    const int warps = static_cast<int>(fit < kGatingWarps ? fit : kGatingWarps);
+    const size_t shared = warps * per_warp * sizeof(float);
+    const unsigned blocks = static_cast<unsigned>(ceil_div(T, warps));
     cudaError_t err = with_dtype(dtype, [&](auto tag) {
       using Elem = decltype(tag);
-      topk_gating_fwd_kernel<Elem><<<blocks, kGatingWarps * kWarp, shared, stream>>>(
+      topk_gating_fwd_kernel<Elem><<<blocks, warps * kWarp, shared, stream>>>(
           static_cast<const Elem*>(logits), stride_t, stride_e, bias_E, T, static_cast<int>(E), static_cast<int>(K),
           score, renormalize, static_cast<int>(num_groups), static_cast<int>(topk_groups), scaling, weights_TK, ids_TK);
       return cudaGetLastError();

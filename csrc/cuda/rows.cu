@@ -45,15 +45,16 @@ __global__ void __launch_bounds__(kMaxThreads)
                         T* __restrict__ out) {
   const int64_t t = blockIdx.x;
   T* out_row = out + t * H;
+  const int32_t* rows = index + t * K;
+  const float* weights = weight != nullptr ? weight + t * K : nullptr;
   for (int64_t c = threadIdx.x * static_cast<int64_t>(VEC); c < H; c += blockDim.x * static_cast<int64_t>(VEC)) {
     float acc[VEC];
 #pragma unroll
     for (int q = 0; q < VEC; ++q) acc[q] = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-      const int64_t slot = t * K + j;
-      const float w = weight != nullptr ? weight[slot] : 1.0f;
+    for (int j = 0; j < K; ++j) {
+      const float w = weights != nullptr ? weights[j] : 1.0f;
       T x[VEC];
-      load_vec(src + index[slot] * stride_row + c * stride_col, x);
+      load_vec(src + rows[j] * stride_row + c * stride_col, x);
 #pragma unroll
       for (int q = 0; q < VEC; ++q) acc[q] += to_f32(x[q]) * w;
     }
