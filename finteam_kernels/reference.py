@@ -164,7 +164,10 @@ def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Ten
 def grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor) -> torch.Tensor:
     """y_NO[rows of e] = x_ND[rows of e] @ w_EOD[e]^T, rows of e being offsets[e]:offsets[e+1]."""
     bounds = expert_offsets_E1.tolist()
-    blocks = [x_ND[bounds[e] : bounds[e + 1]] @ w_EOD[e].t() for e in range(w_EOD.shape[0])]
+    # unbind, not w_EOD[e]: the backward of E selects adds E full-size [E, O, D] gradients
+    # (seconds at E=64); unbind's backward stacks the E slices once.
+    w_e = w_EOD.unbind(0)
+    blocks = [x_ND[bounds[e] : bounds[e + 1]] @ w_e[e].t() for e in range(w_EOD.shape[0])]
     return torch.cat(blocks) if blocks else x_ND.new_empty((0, w_EOD.shape[1]))
 
 
