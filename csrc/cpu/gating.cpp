@@ -161,13 +161,17 @@ FINTEAM_SIMD void gating_rows(const scalar_t* logits, int64_t stride_t, const ac
   }
 }
 
+// The gradient works on the scores' side: with q = s / max(sum s, tiny) <= 1 it forms
+// v_e = s_e * dL/ds_e = q_e * (g_e - sum_k g_k q_k), which stays finite when the clamped sum is
+// tiny and the incoming gradient large (g / sum would overflow), then dx = v - s * sum(v) for
+// softmax and v * (1 - s) for sigmoid.
 template <typename scalar_t, typename acc_t>
 FINTEAM_SIMD void gating_grad_rows(const acc_t* grad_TK, const scalar_t* logits, int64_t stride_t, IndexView ids_TK,
                                    GatingArgs a, int64_t t0, int64_t t1, scalar_t* grad_TE) {
   const int64_t E = a.E, K = a.K;
   const acc_t scaling = static_cast<acc_t>(a.scaling);
   std::vector<acc_t> buf(2 * E + 2 * K);
-  acc_t *s = buf.data(), *ds = s + E, *g = ds + E, *sel = g + K;
+  acc_t *s = buf.data(), *v = s + E, *g = v + E, *q = g + K;
   for (int64_t t = t0; t < t1; ++t) {
     const scalar_t* x = logits + t * stride_t;
     scalar_t* dx = grad_TE + t * E;
@@ -175,36 +179,40 @@ FINTEAM_SIMD void gating_grad_rows(const acc_t* grad_TK, const scalar_t* logits,
       for (int64_t e = 0; e < E; ++e) dx[e] = scalar_t(0);
       continue;
     }
-    acc_t total = 0, weighted = 0;
+    acc_t total = 0;
     for (int64_t j = 0; j < K; ++j) {
       g[j] = grad_TK[t * K + j] * scaling;
-      sel[j] = s[ids_TK[t * K + j]];
-      total += sel[j];
-      weighted += g[j] * sel[j];
+      q[j] = s[ids_TK[t * K + j]];
+      total += q[j];
     }
-    std::fill(ds, ds + E, acc_t(0));
+    std::fill(v, v + E, acc_t(0));
     if (a.renormalize) {
-      // w = s / max(sum s, tiny): the clamp passes no gradient when it binds.
+      // The clamp passes no gradient when it binds.
       const acc_t tiny = std::numeric_limits<acc_t>::min();
       const acc_t denom = std::max(total, tiny);
-      const acc_t through_sum = total >= tiny ? weighted / (denom * denom) : acc_t(0);
-      for (int64_t j = 0; j < K; ++j) ds[ids_TK[t * K + j]] += g[j] / denom - through_sum;
+      acc_t gq = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        q[j] = q[j] / denom;
+        gq += g[j] * q[j];
+      }
+      if (total < tiny) gq = 0;
+      for (int64_t j = 0; j < K; ++j) v[ids_TK[t * K + j]] += q[j] * (g[j] - gq);
     } else {
-      for (int64_t j = 0; j < K; ++j) ds[ids_TK[t * K + j]] += g[j];
+      for (int64_t j = 0; j < K; ++j) v[ids_TK[t * K + j]] += q[j] * g[j];
     }
     if (a.softmax) {
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t e = 0; e < E; ++e) dot += ds[e] * s[e];
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t e = 0; e < E; ++e) sum += v[e];
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) {
-        acc_t d = s[e] * (ds[e] - dot);
+        acc_t d = v[e] - s[e] * sum;
         dx[e] = vm::narrow<scalar_t>(vm::finite(vm::widen(x[e])) ? d : acc_t(0));
       }
     } else {
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) {
-        acc_t d = ds[e] * s[e] * (acc_t(1) - s[e]);
+        acc_t d = v[e] * (acc_t(1) - s[e]);
         dx[e] = vm::narrow<scalar_t>(vm::finite(vm::widen(x[e])) ? d : acc_t(0));
       }
     }
