@@ -45,8 +45,11 @@ from pathlib import Path
 import torch
 
 # How long each measurement runs: quick keeps a 2-core CPU run to minutes, full is for reports.
-QUICK = {"warmup_s": 0.05, "min_time_s": 0.25, "min_reps": 5, "max_reps": 2000}
-FULL = {"warmup_s": 0.2, "min_time_s": 1.0, "min_reps": 10, "max_reps": 10000}
+# A first call slower than slow_s is reported as it is (one call, no repeats, no memory probe):
+# some peers' backward on many experts takes tens of seconds on a CPU, and one such cell must
+# not hold up the whole table.
+QUICK = {"warmup_s": 0.05, "min_time_s": 0.1, "min_reps": 5, "max_reps": 2000, "slow_s": 2.0}
+FULL = {"warmup_s": 0.2, "min_time_s": 1.0, "min_reps": 10, "max_reps": 10000, "slow_s": 30.0}
 _GRAPH_MIN_REPLAY_MS = 0.2  # a replay shorter than this is dominated by its own launch
 
 
@@ -91,6 +94,8 @@ def _time_cpu(fn: Callable[[], object], budget: dict) -> Stats:
     start = time.perf_counter()
     fn()
     first_ms = (time.perf_counter() - start) * 1e3
+    if first_ms > budget.get("slow_s", math.inf) * 1e3:
+        return _stats([first_ms], "wall-clock, one slow call")
     while time.perf_counter() - start < budget["warmup_s"]:
         fn()
     times = []
@@ -128,6 +133,8 @@ def _capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
 def _time_cuda(fn: Callable[[], object], budget: dict, graph: bool) -> Stats:
     start = time.perf_counter()
     warm = _events_ms(fn, 1)
+    if warm[0] > budget.get("slow_s", math.inf) * 1e3:
+        return _stats(warm, "cuda-events, one slow call")
     while time.perf_counter() - start < budget["warmup_s"]:
         warm += _events_ms(fn, 1)
     call_ms = statistics.median(warm)
@@ -210,7 +217,7 @@ def measure(
         stats = _time_cuda(fn, budget, graph)
     else:
         stats = _time_cpu(fn, budget)
-    if memory:
+    if memory and stats.reps > 1:
         stats.peak_bytes = peak_memory(fn, device)
     return stats
 
@@ -237,7 +244,7 @@ def cache_bytes(device: torch.device | str) -> int:
     return max(sizes, default=32 << 20)
 
 
-def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 8) -> int:
+def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 64) -> int:
     """How many copies of the inputs to rotate through so that together they span twice the
     last-level cache: each call then reads its operands from memory, as a model's layers do."""
     if nbytes_per_set <= 0:
@@ -245,38 +252,41 @@ def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 
     return max(1, min(cap, math.ceil(2 * cache_bytes(device) / nbytes_per_set)))
 
 
-def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Random values (never zeros: some units run faster on them). Large tensors repeat one
-    random block, which costs a copy instead of a random draw per element."""
+def random_tensor(shape: tuple[int, ...], device, dtype=torch.bfloat16, scale: float = 1.0) -> torch.Tensor:
+    """Normal values times `scale` (never zeros: they hide unwritten outputs, and some units
+    run faster on them). Large tensors repeat one random block of 4M values, which costs a
+    copy instead of a random draw per element."""
     numel, block = math.prod(shape), 1 << 22
+    tile = (torch.randn(min(numel, block), device=device, dtype=torch.float32) * scale).to(dtype)
     if numel <= block:
-        return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
-    tile = torch.randn(block, device=device, dtype=torch.float32).to(dtype)
+        return tile.view(shape)
     return tile.repeat(math.ceil(numel / block))[:numel].view(shape)
 
 
 def matmul_rate(m: int, n: int, k: int, device: torch.device | str, dtype=torch.bfloat16, quick: bool = True) -> float:
     """TFLOP/s of a dense `[m, k] @ [k, n]` product in `dtype`."""
     device = torch.device(device)
-    a, b = _random((m, k), device, dtype), _random((k, n), device, dtype)
+    a, b = random_tensor((m, k), device, dtype), random_tensor((k, n), device, dtype)
     stats = measure(lambda: a @ b, device, quick=quick, memory=False)
     return tflops(2.0 * m * n * k, stats.median_ms)
 
 
-def ceilings(device: torch.device | str, quick: bool = True) -> dict:
-    """The roofline of this machine, measured now (see the module docstring)."""
+def ceilings(device: torch.device | str, quick: bool = True, stream_bytes: int | None = None) -> dict:
+    """The roofline of this machine, measured now (see the module docstring). The bandwidth
+    probes stream `stream_bytes` (default: 4x the last-level cache, at least 512 MiB on a CPU
+    in quick mode and 1 GiB otherwise); smaller values only suit smoke tests."""
     device = torch.device(device)
     gpu = device.type == "cuda"
-    big = max(4 * cache_bytes(device), (1 << 30) if gpu or not quick else 512 << 20)
+    big = stream_bytes or max(4 * cache_bytes(device), (1 << 30) if gpu or not quick else 512 << 20)
 
-    src = _random((big // 2,), device, torch.bfloat16)
+    src = random_tensor((big // 2,), device, torch.bfloat16)
     dst = torch.empty_like(src)
     copy = measure(lambda: dst.copy_(src), device, quick=quick, memory=False)
     del src, dst
 
     cols = 8192
-    w = _random((big // 2 // cols, cols), device, torch.bfloat16)
-    v = _random((cols,), device, torch.bfloat16)
+    w = random_tensor((big // 2 // cols, cols), device, torch.bfloat16)
+    v = random_tensor((cols,), device, torch.bfloat16)
     gemv = measure(lambda: w @ v, device, quick=quick, memory=False)
     gemv_bytes = w.numel() * w.element_size()
     del w, v
@@ -345,6 +355,7 @@ def environment(device: torch.device | str, packages: Sequence[str] = ()) -> dic
         "host": platform.node(),
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cache_bytes": cache_bytes(device),
         "git_commit": _git_commit(),
         "versions": {

@@ -1,0 +1,108 @@
+"""The benchmark script runs end to end on a tiny subset, and its harness counts what it claims.
+
+`benchmarks/moe_dispatch.py` is what users and the GPU check run to get numbers; a broken
+script is found here, not on a rented GPU. The subset is small (one quick shape, two token
+counts, three ops) so that the run stays well under a minute on a 2-core CPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import moe_dispatch  # noqa: E402
+import shapes  # noqa: E402
+
+
+def test_script_writes_table_json_and_plot(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the script times real backends, never the interpreter
+    # One thread: on a shared 2-core machine, two OpenMP threads per process turn every
+    # parallel region into a wait for a descheduled thread; this test checks output, not speed.
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        sys.executable, str(BENCH / "moe_dispatch.py"), "--quick",
+        "--ops", "gating,permute,moe_experts", "--shapes", "team-llama3-8b",
+        "--modes", "forward,forward+backward", "--tokens", "1,16", "--routings", "uniform",
+        "--providers", "reference,hf-eager,megablocks,vllm",
+        "--ceiling-mib", "64", "--out", str(tmp_path),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The table: a block per (op, mode), with the reference and the transformers peer in it.
+    out = done.stdout
+    for block in ("== gating / forward ==", "== permute / forward+backward ==", "== moe_experts / forward+backward =="):
+        assert block in out
+    assert "ceilings measured in this run" in out
+    assert "== targets" in out and "== skipped ==" in out
+
+    payload = json.loads((tmp_path / "moe_dispatch.json").read_text())
+    assert payload["environment"]["versions"]["torch"] == torch.__version__
+    assert payload["ceilings"]["mem_gbs"] > 0 and payload["ceilings"]["matmul_tflops"] > 0
+    rows = payload["rows"]
+    cells = {(r["op"], r["mode"], r["tokens"], r["provider"]) for r in rows}
+    assert ("moe_experts", "forward+backward", 16, "reference") in cells
+    assert ("moe_experts", "forward", 1, "hf-eager") in cells
+    for r in rows:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["gbs"] > 0 and r["roof_fraction"] > 0
+    # Peers that are not installed here are listed with a reason, never an error.
+    skipped = {s["provider"]: s["reason"] for s in payload["skipped"]}
+    for peer in ("megablocks", "vllm"):
+        if not harness.has_module(peer):
+            assert "not installed" in skipped[peer]
+    assert not [s for s in payload["skipped"] if s["reason"].startswith("failed")]
+
+    png = (tmp_path / "moe_dispatch.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_expert_weights_counted_only_for_experts_hit():
+    # At one token the expert computation reads K experts' weights, not E: the byte count must
+    # say so, or the 1-token bandwidth target would be judged against the wrong number.
+    s = shapes.SHAPES["mixtral-8x7b-tp2"]
+    one_token, _ = moe_dispatch.cost("moe_experts", "forward", s, 1, experts_hit=2, a=2)
+    weights = 2 * s.expert_bytes()
+    assert weights <= one_token < weights * 1.01
+    _, flops = moe_dispatch.cost("moe_experts", "forward", s, 1024, experts_hit=8, a=2)
+    assert flops == 6 * 1024 * s.top_k * s.hidden * s.intermediate
+
+
+def test_training_costs_add_forward_and_backward():
+    s = shapes.QUICK_SHAPES["team-llama3-8b"]
+    for op in ("gating", "permute", "unpermute", "grouped_gemm", "moe_experts", "layer"):
+        fwd = moe_dispatch.cost(op, "forward", s, 64, s.num_experts, 2)
+        bwd = moe_dispatch.cost(op, "backward", s, 64, s.num_experts, 2)
+        both = moe_dispatch.cost(op, "forward+backward", s, 64, s.num_experts, 2)
+        assert both == pytest.approx((fwd[0] + bwd[0], fwd[1] + bwd[1]))
+        assert bwd[0] > 0
+
+
+def test_measure_orders_percentiles_and_counts_memory():
+    x = torch.randn(256, 256)
+    stats = harness.measure(lambda: x @ x, "cpu", budget={"warmup_s": 0.0, "min_time_s": 0.01, "min_reps": 5, "max_reps": 50})
+    assert stats.reps >= 5 and stats.method == "wall-clock"
+    assert stats.p20_ms <= stats.median_ms <= stats.p80_ms
+    if stats.peak_bytes is not None:  # the output alone is 256 KiB
+        assert stats.peak_bytes >= 256 * 256 * 4
+
+
+@pytest.mark.parametrize("routing", shapes.ROUTINGS)
+def test_routings_have_their_shape(routing):
+    s = shapes.QUICK_SHAPES["olmoe-1b-7b"]
+    ids = shapes.route(s, shapes.router_logits(s, 512, routing)).ids_TK
+    counts = torch.bincount(ids.flatten().long(), minlength=s.num_experts)
+    if routing == "empty":  # only the first E/4 experts may win
+        assert counts[s.num_experts // 4 :].sum() == 0
+    elif routing == "skewed":  # expert 0 is the most popular, far above the mean
+        assert counts.argmax() == 0 and counts[0] > 3 * counts.float().mean()
+    else:  # every expert gets some of the 4096 assignments
+        assert (counts > 0).all()
