@@ -104,7 +104,12 @@ class SharedExpert(nn.Module):
 
 class FinTeamMoE(nn.Module):
     """A Mixture-of-Experts layer: x [..., H] -> [..., H]. See the module docstring for the math
-    and the state dict; `router_stats` holds what the router did in the last forward."""
+    and the state dict; `router_stats` holds what the router did in the last forward.
+
+    `backend` is passed to every op ("auto" picks per device, None defers to $FINTEAM_BACKEND).
+    Beyond transformers' options: `shared_expert_gate` (Qwen2-MoE's sigmoid gate on the shared
+    expert) and DeepSeek-V3's `num_groups`/`topk_groups`/`scaling` (see `topk_gating`).
+    """
 
     def __init__(
         self, hidden_size, intermediate_size, num_experts, top_k, *, score="softmax", renormalize=True,
@@ -189,6 +194,15 @@ class FinTeamMoE(nn.Module):
             with torch.no_grad():
                 self.expert_load_E += routing.tokens_per_expert_E
         return out_TH.view(*x.shape[:-1], self.hidden_size)
+
+    def _apply(self, fn, recurse=True):
+        bias_E = self.expert_bias
+        super()._apply(fn, recurse)
+        # A model-wide cast (.bfloat16()) must not round the bias: routing math is fp32, and bf16
+        # would swallow the small steps of update_expert_bias. Device moves still apply.
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias_E.to(self.expert_bias.device)
+        return self
 
     def _check_input(self, x) -> None:
         weight = self.gate.weight

@@ -297,6 +297,17 @@ def test_update_expert_bias_moves_towards_balance():
     assert imbalance[0] > 3 and max(imbalance[-10:]) < imbalance[0] / 2, imbalance
 
 
+def test_the_bias_stays_fp32_when_the_model_is_cast():
+    layer = make("deepseek_v3", bias_update_rate=1e-3)
+    bias = layer.expert_bias.clone()
+    layer.bfloat16()
+    assert layer.gate.weight.dtype == torch.bfloat16 and torch.equal(layer.expert_bias, bias)
+    layer(torch.randn(16, 12, dtype=torch.bfloat16))
+    update_expert_bias(layer)
+    step_E = (layer.expert_bias - bias).abs()
+    assert float(step_E.max()) == pytest.approx(1e-3, rel=1e-3)  # a bf16 bias near 0.05 would round these away
+
+
 def test_torch_compile_matches_eager():
     """Every option at once (one compilation: compiling is slow on a CPU): sigmoid, groups,
     scaling, shared expert with gate, capacity, bias counting (a buffer mutated in forward), and
