@@ -411,8 +411,9 @@ def plot_time_vs_tokens(rows: Sequence[dict], path: Path | str, title: str = "")
     if not panels:
         return None
     shapes = sorted({s for by_shape in panels.values() for s in by_shape})
+    width = max(8.0, 3.2 * len(shapes))
     fig, axes = plt.subplots(
-        len(panels), len(shapes), figsize=(3.2 * len(shapes), 2.6 * len(panels)), squeeze=False, constrained_layout=True
+        len(panels), len(shapes), figsize=(width, 2.6 * len(panels)), squeeze=False, constrained_layout=True
     )
     providers = sorted({r["provider"] for r in rows})
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
@@ -438,7 +439,7 @@ def plot_time_vs_tokens(rows: Sequence[dict], path: Path | str, title: str = "")
             ax.tick_params(labelsize=6)
             ax.grid(True, which="both", alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
-    fig.legend(handles=handles, loc="outside upper center", ncol=min(6, len(providers)), fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncol=max(1, min(len(providers), int(width / 1.7))), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
