@@ -244,6 +244,19 @@ def cache_bytes(device: torch.device | str) -> int:
     return max(sizes, default=32 << 20)
 
 
+def free_memory(device: torch.device | str) -> int:
+    """Bytes that can still be allocated on `device` (host: MemAvailable, which counts the page
+    cache the kernel can drop)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 64) -> int:
     """How many copies of the inputs to rotate through so that together they span twice the
     last-level cache: each call then reads its operands from memory, as a model's layers do."""

@@ -41,6 +41,7 @@ from finteam_kernels import reference  # noqa: E402
 from shapes import MoEShape  # noqa: E402
 
 OPS = ("gating", "dispatch", "permute", "unpermute", "grouped_gemm", "moe_experts", "layer")
+WEIGHT_OPS = ("grouped_gemm", "moe_experts", "layer")
 NO_BACKWARD = {"dispatch": "the plan is integer metadata: no gradient"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _IDX, _ROUTE_W, _OFFSET = 4, 4, 8  # bytes of an int32 index, a float32 routing weight, an int64 offset
@@ -237,10 +238,17 @@ def run(plan: Plan, roof: dict, log=print) -> tuple[list[dict], list[dict]]:
     bank = WeightBank(plan.device, plan.dtype)
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
     for s in plan.shapes.values():  # shape-major: each shape's weights are made once
+        # Weights, their gradients and the activations of a training step: about 3x the weights.
+        need = 3 * s.num_experts * s.expert_bytes(itemsize)
         for op in plan.ops:
+            if op in WEIGHT_OPS and need > harness.free_memory(plan.device):
+                reason = f"needs about {need / 2**30:.0f} GiB, {harness.free_memory(plan.device) / 2**30:.0f} GiB free"
+                skipped.append({"op": op, "shape": s.name, "provider": "all", "reason": reason})
+                continue
             usable, unusable = providers.for_op(op, plan.device, s)
-            usable = [p for p in usable if plan.providers is None or p.name in plan.providers]
-            skipped += [{"op": op, "shape": s.name, "provider": n, "reason": r} for n, r in unusable]
+            wanted = (lambda name: True) if plan.providers is None else plan.providers.__contains__
+            usable = [p for p in usable if wanted(p.name)]
+            skipped += [{"op": op, "shape": s.name, "provider": n, "reason": r} for n, r in unusable if wanted(n)]
             for mode in plan.modes:
                 if mode != "forward" and op in NO_BACKWARD:
                     continue
