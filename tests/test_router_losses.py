@@ -6,10 +6,10 @@ Shape legend: T tokens, E experts, K top-k.
 """
 import pytest
 import torch
+from backends import kernel_backends
+from tolerance import assert_close
 
 from finteam_kernels import reference, router_losses, topk_gating
-from tests.backends import kernel_backends
-from tests.tolerance import assert_close
 
 BACKENDS = kernel_backends()
 inf, nan = float("inf"), float("nan")
@@ -129,6 +129,18 @@ def test_non_contiguous(layout, backend):
         ids_TK = torch.cat([_ids(x_TE, 2), torch.zeros(33, 1, dtype=torch.int32)], dim=1)[:, :2]
     assert not x_TE.is_contiguous() and (layout == "transposed" or not ids_TK.is_contiguous())
     check_losses(x_TE, ids_TK, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", [
+    "rows",  # token 2's row starts past 2**31 elements
+    "columns",  # transposed: expert 2's column starts past 2**31 elements
+])
+def test_offsets_past_2_pow_31_elements(layout, backend):
+    from test_addressing_64bit import far_rows
+
+    x_TE = far_rows(3, 16) if layout == "rows" else far_rows(3, 16).t()
+    check_losses(x_TE, _ids(x_TE, 2), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,11 +7,11 @@ tolerance rule (fp32 tight, fp16/bf16 against plain PyTorch's own error).
 """
 import pytest
 import torch
+from backends import kernel_backends
+from tolerance import assert_close
 
 from finteam_kernels import reference, topk_gating
 from finteam_kernels.ops import topk_gating as gating_op
-from tests.backends import kernel_backends
-from tests.tolerance import assert_close
 
 BACKENDS = kernel_backends()
 inf, nan = float("inf"), float("nan")
@@ -210,12 +210,10 @@ def test_picked_scores_that_underflow(score, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
-def test_underflowing_rows_keep_a_finite_gradient(score, backend, request):
+def test_underflowing_rows_keep_a_finite_gradient(score, backend):
     # A large incoming gradient overflows the reference's grad / denom (then inf * 0 = NaN); the
     # gradient itself is finite, and a kernel that divides on the scores' side keeps it so, linear
     # in the incoming gradient.
-    if backend == "cpu":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the cpu backend divides grad / denom first"))
     x_TE = torch.tensor(UNDERFLOWING_ROWS, requires_grad=True)
     weights_TK = topk_gating(x_TE, 2, score=score, expert_bias=torch.tensor(UNDERFLOWING_BIAS),
                              backend=backend).weights_TK
@@ -242,6 +240,18 @@ def test_non_contiguous_logits(layout, backend):
     assert not x_TE.is_contiguous()
     check_gating(x_TE, 3, backend, score="sigmoid", num_groups=3, topk_groups=2)
     check_gating(x_TE, 3, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", [
+    "rows",  # token 2's row starts past 2**31 elements
+    "columns",  # transposed: expert 2's column starts past 2**31 elements
+])
+def test_offsets_past_2_pow_31_elements(layout, backend):
+    from test_addressing_64bit import far_rows
+
+    x_TE = far_rows(3, 16) if layout == "rows" else far_rows(3, 16).t()
+    check_gating(x_TE, 2, backend, score="sigmoid", expert_bias=0.1 * torch.randn(x_TE.shape[1]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
