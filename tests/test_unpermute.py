@@ -79,6 +79,17 @@ def test_unpermute_weight_dtypes(backend, y_dtype, w_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_unpermute_float64_sums_in_float64(backend):
+    """fp64 data (gradcheck's precision) is summed in fp64, not rounded through fp32."""
+    y, plan, w = case("wide", torch.float64, torch.float64)
+    grad = torch.randn(w.shape[0], y.shape[1], dtype=torch.float64)
+    actual = unpermute_and_grads(y, plan, w, grad, backend)
+    expected = unpermute_and_grads(y, plan, w, grad, "reference")
+    for what, a, e in zip(("out_TH", "grad_y_NH", "grad_weights_TK"), actual, expected):
+        assert_close(a, e, name=what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unpermute_strided_inputs(backend):
     T, K, E, H = 13, 3, 6, 37
     plan = dispatch(routed(T, K, E), E, backend="reference")

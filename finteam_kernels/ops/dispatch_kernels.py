@@ -34,9 +34,9 @@ class Blocking(NamedTuple):
     num_warps: int
 
 
-GPU_BLOCKING = Blocking(256, 32, 8)  # about 100 registers, no spills, up to E_PAD = 4096
+GPU_BLOCKING = Blocking(256, 32, 8)  # 99 to 158 registers up to E_PAD = 4096, no spills
 # The interpreter pays per operation, not per element: whole-block compares on bigger blocks run
-# it about ten times faster. Tests also run GPU_BLOCKING, so both are checked.
+# it several times faster. Tests also run GPU_BLOCKING, so both are checked.
 INTERPRETER_BLOCKING = Blocking(512, 512, 8)
 
 

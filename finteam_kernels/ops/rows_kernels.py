@@ -74,7 +74,7 @@ def _combine_rows_kernel(
                                mask=mask, other=0.0))
         if HAS_WEIGHTS:
             weight = tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=token_mask, other=0.0)
-            values = values * _wide(weight)[:, None]
+            values = values * weight.to(acc.dtype)[:, None]
         acc += values
     tl.store(out_ptr + tokens[:, None] * stride_out_row + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -99,8 +99,9 @@ def _unpermute_bwd_kernel(
     row_mask = rows < N
     slots = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     tokens, j = slots // K, slots % K
-    weight = _wide(tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=row_mask, other=0.0))
     dot = _wide(tl.zeros([BLOCK_R, BLOCK_H], dtype=y_ptr.dtype.element_ty))
+    weight = tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=row_mask, other=0.0)
+    weight = weight.to(dot.dtype)
     for start in range(0, H, BLOCK_H):
         cols = start + tl.arange(0, BLOCK_H).to(tl.int64)
         mask = row_mask[:, None] & (cols[None, :] < H)
