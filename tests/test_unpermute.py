@@ -194,3 +194,38 @@ def test_unpermute_errors():
         unpermute(y, plan, w.to("meta"))
     with pytest.raises(ValueError, match=r"unpermute: plan.row_to_slot_N is on cpu but y_NH is on meta"):
         unpermute(y.to("meta"), plan, w.to("meta"))
+
+
+@pytest.mark.cuda
+def test_rows_ops_never_synchronise_and_capture_in_a_cuda_graph():
+    """On a GPU: dispatch -> permute -> unpermute, forward and backward, runs with no host
+    synchronisation (sync debug mode "error"), and the forward replays from a CUDA graph."""
+    T, K, E, H = 512, 4, 16, 256
+    device = torch.device("cuda")
+    ids = routed(T, K, E).to(device)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(T, K, device=device, requires_grad=True)
+    grad = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+
+    def forward():
+        plan = dispatch(ids, E, backend="triton")
+        return unpermute(permute(x, plan, backend="triton"), plan, w, backend="triton")
+
+    def forward_backward():
+        out = forward()
+        return (out.detach(), *torch.autograd.grad(out, (x, w), grad))
+
+    expected = forward_backward()  # also compiles every kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = forward_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, e) for a, e in zip(again, expected))
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured = forward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected[0])
