@@ -18,6 +18,7 @@ per-expert `experts.<e>.w1/w2/w3` layout too: `_layer_state.py`). The `expert_bi
 updated by `finteam_kernels.update_expert_bias(model)` after the optimizer step.
 """
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +235,10 @@ class FinTeamMoE(nn.Module):
         if getattr(block, "jitter_noise", 0.0):
             raise ValueError("FinTeamMoE.from_hf: router jitter noise (router_jitter_noise > 0) is not supported")
         router, experts = block.gate, block.experts
+        if getattr(experts.config, "output_router_logits", False):
+            warnings.warn("FinTeamMoE.from_hf: transformers' output_router_logits loss cannot see FinTeamMoE routers; "
+                          "set config.output_router_logits=False and add finteam_kernels.router_aux_loss(model) to "
+                          "the loss instead", stacklevel=2)
         shared = getattr(block, "shared_expert", None)
         E, I2, H = experts.gate_up_proj.shape
         weight = experts.gate_up_proj
