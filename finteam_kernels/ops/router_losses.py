@@ -34,8 +34,9 @@ def _partial_sums(x_TE: torch.Tensor, ids_TK: torch.Tensor, num_experts: int, wi
     T = x_TE.shape[0]
     block_t, block_e, num_warps = row_tile(num_experts, "router_losses")
     programs = min(cdiv(T, block_t), MAX_PARTIALS)
-    prob_sums_PE = x_TE.new_empty((programs if with_probs else 0, num_experts), dtype=torch.float32)
-    lse_sq_sums_P = x_TE.new_empty((programs if with_probs else 0,), dtype=torch.float32)
+    # Counting alone writes no sums; one-element stand-ins keep the arguments valid pointers.
+    prob_sums_PE = x_TE.new_empty((programs, num_experts) if with_probs else (1, 1), dtype=torch.float32)
+    lse_sq_sums_P = x_TE.new_empty((programs if with_probs else 1,), dtype=torch.float32)
     counts_E = x_TE.new_zeros((num_experts,), dtype=torch.int32)
     with device_guard(x_TE):
         _router_partials_kernel[(programs,)](

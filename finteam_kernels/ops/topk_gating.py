@@ -41,7 +41,8 @@ def topk_gating_fwd(
     block_t, block_e, num_warps = row_tile(E, "topk_gating")
     x_TE = _as_kernel_input(logits_TE)
     has_bias = expert_bias_E is not None
-    bias_E = expert_bias_E.float().contiguous() if has_bias else weights_TK.new_empty((0,))
+    # Without a bias the kernel reads none; a one-element stand-in keeps the argument a valid pointer.
+    bias_E = expert_bias_E.float().contiguous() if has_bias else weights_TK.new_empty((1,))
     with device_guard(logits_TE):
         _topk_gating_fwd_kernel[(cdiv(T, block_t),)](
             x_TE, bias_E, weights_TK, ids_TK, counts_E,
