@@ -1,0 +1,234 @@
+"""The compiled extension itself: that it was built and loaded, that its schemas are the launcher
+contract, that auto picks it, that its shape functions trace, and that a missing extension
+degrades to one clear warning. (Each op's numbers are checked by the op's own test file, which
+runs every backend in `backends.kernel_backends()`, `cpu` included.)
+
+FINTEAM_ALLOW_NO_EXT=1 declares an install without a compiler: then the tests that need the
+library are skipped instead of failing. Without it, a silent fallback to the reference fails.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import finteam_kernels
+from finteam_kernels import _backend, _ext, reference
+from finteam_kernels.ops import (dispatch, grouped_gemm, moe_experts, permute, router_losses, topk_gating,
+                                 unpermute)
+from tolerance import assert_close
+
+ALLOW_NO_EXT = os.environ.get("FINTEAM_ALLOW_NO_EXT", "0") == "1"
+
+# The launcher contract (HELPERS.md): op -> (argument name, schema type) in order.
+CONTRACT = {
+    "topk_gating_fwd": [("logits_TE", "Tensor"), ("expert_bias_E", "Tensor?"), ("k", "int"), ("score", "str"),
+                        ("renormalize", "bool"), ("num_groups", "int"), ("topk_groups", "int"), ("scaling", "float")],
+    "topk_gating_bwd": [("grad_weights_TK", "Tensor"), ("logits_TE", "Tensor"), ("ids_TK", "Tensor"),
+                        ("score", "str"), ("renormalize", "bool"), ("scaling", "float")],
+    "router_losses_fwd": [("logits_TE", "Tensor"), ("topk_ids_TK", "Tensor"), ("num_experts", "int")],
+    "router_losses_bwd": [("grad_aux", "Tensor"), ("grad_z", "Tensor"), ("logits_TE", "Tensor"),
+                          ("topk_ids_TK", "Tensor"), ("num_experts", "int")],
+    "dispatch_fwd": [("topk_ids_TK", "Tensor"), ("num_experts", "int")],
+    "permute_fwd": [("x_TH", "Tensor"), ("row_to_slot_N", "Tensor"), ("top_k", "int")],
+    "permute_bwd": [("grad_NH", "Tensor"), ("slot_to_row_N", "Tensor"), ("top_k", "int")],
+    "unpermute_fwd": [("y_NH", "Tensor"), ("slot_to_row_N", "Tensor"), ("topk_weights_TK", "Tensor")],
+    "unpermute_bwd": [("grad_TH", "Tensor"), ("y_NH", "Tensor"), ("row_to_slot_N", "Tensor"),
+                      ("slot_to_row_N", "Tensor"), ("topk_weights_TK", "Tensor")],
+    "grouped_gemm_fwd": [("x_ND", "Tensor"), ("w_EOD", "Tensor"), ("expert_offsets_E1", "Tensor")],
+    "grouped_gemm_bwd": [("grad_NO", "Tensor"), ("x_ND", "Tensor"), ("w_EOD", "Tensor"),
+                         ("expert_offsets_E1", "Tensor")],
+    "moe_experts_fwd": [("x_TH", "Tensor"), ("topk_ids_TK", "Tensor"), ("topk_weights_TK", "Tensor"),
+                        ("w_gate_up_E2IH", "Tensor"), ("w_down_EHI", "Tensor"), ("activation", "str"),
+                        ("needs_grad", "bool")],
+    "moe_experts_bwd": [("grad_TH", "Tensor"), ("x_TH", "Tensor"), ("topk_weights_TK", "Tensor"),
+                        ("w_gate_up_E2IH", "Tensor"), ("w_down_EHI", "Tensor"), ("h_N2I", "Tensor"),
+                        ("expert_offsets_E1", "Tensor"), ("row_to_slot_N", "Tensor"), ("slot_to_row_N", "Tensor"),
+                        ("activation", "str")],
+}
+RETURNS = {"topk_gating_fwd": 3, "router_losses_fwd": 2, "dispatch_fwd": 4, "unpermute_bwd": 2, "grouped_gemm_bwd": 2,
+           "moe_experts_fwd": 5, "moe_experts_bwd": 4}
+LAUNCHER_MODULES = {m.__name__.rsplit(".", 1)[1]: m
+                    for m in (dispatch, grouped_gemm, moe_experts, permute, router_losses, topk_gating, unpermute)}
+
+
+@pytest.fixture(scope="module")
+def cpu_ext():
+    reason = _ext.load("cpu")
+    if reason is not None:
+        if ALLOW_NO_EXT:
+            pytest.skip(f"FINTEAM_ALLOW_NO_EXT=1 and the CPU extension is not usable: {reason}")
+        pytest.fail(f"the compiled CPU extension did not load after installation: {reason}")
+    return torch.ops.finteam
+
+
+def test_cpu_extension_loaded(cpu_ext):
+    # A build that silently failed would leave only the reference: the library must be there,
+    # loaded, and have a CPU kernel for every op of the contract.
+    assert _ext.library_path("cpu") is not None
+    missing = [name for name in CONTRACT if not _ext.has_kernel("cpu", name)]
+    assert not missing, f"no CPU kernel for {missing}"
+    assert cpu_ext.cpu_capability() in ("baseline", "avx2", "avx512", "avx512_bf16")
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_schema_is_the_launcher_contract(cpu_ext, name):
+    schema = getattr(cpu_ext, name).default._schema
+    got = [(a.name, str(a.type).replace("Optional[Tensor]", "Tensor?")) for a in schema.arguments]
+    assert got == CONTRACT[name]
+    assert len(schema.returns) == RETURNS.get(name, 1)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_triton_launcher_has_the_same_signature(name):
+    # The compiled op is a drop-in for the Triton launcher of the same name.
+    module = LAUNCHER_MODULES[name.rsplit("_", 1)[0]]
+    launcher = getattr(module, name)
+    assert list(inspect.signature(launcher).parameters) == [arg for arg, _ in CONTRACT[name]]
+
+
+def test_auto_picks_cpu_for_cpu_tensors(cpu_ext, monkeypatch):
+    monkeypatch.delenv("FINTEAM_BACKEND", raising=False)
+    for op in ("topk_gating", "router_losses", "dispatch", "permute", "unpermute", "grouped_gemm", "moe_experts"):
+        assert _backend.pick_backend(None, torch.device("cpu"), op) == "cpu", op
+
+
+def test_auto_runs_the_compiled_kernel(cpu_ext, monkeypatch):
+    # Not only the choice: a public op on CPU tensors reaches the compiled kernel.
+    monkeypatch.delenv("FINTEAM_BACKEND", raising=False)
+    calls = []
+    real = _ext.op
+    monkeypatch.setattr(_ext, "op", lambda name: calls.append(name) or real(name))
+    logits = torch.randn(5, 8)
+    finteam_kernels.topk_gating(logits, 2)
+    assert calls == ["topk_gating_fwd"]
+
+
+def _small_args(name):
+    """Arguments for one call of each op: a few tokens, with an empty expert (E=4, K=2)."""
+    T, E, K, H, I = 3, 4, 2, 8, 6
+    logits = torch.randn(T, E)
+    ids = torch.tensor([[0, 1], [1, 0], [2, 1]], dtype=torch.int32)
+    weights = torch.rand(T, K)
+    offsets, _, r2s, s2r = torch.ops.finteam.dispatch_fwd(ids, E)
+    x, y = torch.randn(T, H), torch.randn(T * K, H)
+    wgu, wd = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    h = torch.ops.finteam.moe_experts_fwd(x, ids, weights, wgu, wd, "silu", True)[1]
+    return {
+        "topk_gating_fwd": (logits, torch.randn(E), K, "softmax", True, 2, 1, 1.5),
+        "topk_gating_bwd": (weights, logits, ids, "sigmoid", True, 1.5),
+        "router_losses_fwd": (logits, ids, E),
+        "router_losses_bwd": (torch.tensor(1.0), torch.tensor(0.5), logits, ids, E),
+        "dispatch_fwd": (ids, E),
+        "permute_fwd": (x, r2s, K),
+        "permute_bwd": (y, s2r, K),
+        "unpermute_fwd": (y, s2r, weights),
+        "unpermute_bwd": (x, y, r2s, s2r, weights),
+        "grouped_gemm_fwd": (y, wd.transpose(1, 2).contiguous(), offsets),
+        "grouped_gemm_bwd": (torch.randn(T * K, I), y, wd.transpose(1, 2).contiguous(), offsets),
+        "moe_experts_fwd": (x, ids, weights, wgu, wd, "gelu", True),
+        "moe_experts_bwd": (x, x, weights, wgu, wd, h, offsets, r2s, s2r, "silu"),
+    }[name]
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_shape_functions_match_the_kernels(cpu_ext, name):
+    # The Meta implementations (what torch.compile and FakeTensor trace) give the shapes, dtypes
+    # and strides of the real outputs, for a schema that claims no aliasing or mutation.
+    torch.library.opcheck(getattr(cpu_ext, name).default, _small_args(name),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_results_do_not_depend_on_the_thread_count(cpu_ext):
+    # Blocked reductions (dispatch counts, router losses, combines) are reduced in a fixed order.
+    ids = torch.randint(0, 7, (20000, 2))
+    logits = torch.randn(20000, 7)
+    y = torch.randn(40000, 16, dtype=torch.bfloat16)
+    weights = torch.rand(20000, 2)
+
+    def run():
+        plan = cpu_ext.dispatch_fwd(ids, 7)
+        return (*plan, *cpu_ext.router_losses_fwd(logits, ids, 7), cpu_ext.unpermute_fwd(y, plan[3], weights))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, run()):
+        assert torch.equal(a, b)
+
+
+def _moe_decode_args():
+    torch.manual_seed(0)
+    return [torch.randn(3, 64, dtype=torch.bfloat16),
+            torch.tensor([[0, 2], [2, 1], [0, 1]]),  # two rows per expert: every expert is streamed
+            torch.rand(3, 2), torch.randn(3, 96, 64, dtype=torch.bfloat16) / 8,
+            torch.randn(3, 64, 48, dtype=torch.bfloat16) / 7]
+
+
+def test_bf16_fallback_without_the_streaming_kernel(cpu_ext):
+    # FINTEAM_CPU_ISA=avx2 turns the AVX512-BF16 kernels off (a CPU without them): decode-sized
+    # bf16 batches then go through ATen's GEMM. Both paths must meet the bf16 tolerance rule.
+    code = """
+        import json, torch
+        from finteam_kernels import _ext
+        from test_ext import _moe_decode_args
+        assert _ext.load("cpu") is None
+        out = torch.ops.finteam.moe_experts_fwd(*_moe_decode_args(), "silu", False)[0]
+        print(torch.ops.finteam.cpu_capability(), json.dumps(out.float().tolist()))
+    """
+    # The child imports the same finteam_kernels as this process (installed or the checkout).
+    path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
+    env = {**os.environ, "FINTEAM_CPU_ISA": "avx2", "PYTHONPATH": os.pathsep.join(path)}
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    level, values = run.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert level in ("avx2", "baseline")
+    args = _moe_decode_args()
+    expected = reference.moe_experts(*[a.float() if a.is_floating_point() else a for a in args])
+    baseline = reference.moe_experts(*args)
+    fallback = torch.tensor(json.loads(values)).to(torch.bfloat16)
+    streamed = cpu_ext.moe_experts_fwd(*args, "silu", False)[0]
+    for out in (fallback, streamed):
+        assert_close(out, expected, baseline=baseline)
+
+
+@pytest.mark.parametrize("case, cause", [
+    ("recorded", "no C++ compiler found"),  # the build recorded why it could not compile
+    ("absent", "was not built"),  # no library and no record (e.g. installed without the build step)
+    ("broken", "failed to load"),  # a library that is there but cannot be loaded
+])
+def test_no_extension_gives_one_warning_naming_the_cause(case, cause, tmp_path, monkeypatch):
+    # The package as it is without a usable library (pointed at an empty folder): ops still run,
+    # on the reference, and the first use warns once with the cause.
+    monkeypatch.delenv("FINTEAM_BACKEND", raising=False)
+    if case == "recorded":
+        (tmp_path / "_build_info.json").write_text(json.dumps(
+            {"torch": torch.__version__, "not_built": {"cpu": "no C++ compiler found (c++: not found)"}}))
+    if case == "broken":
+        (tmp_path / "_C_cpu.cpython-311-x86_64-linux-gnu.so").write_text("not a library")
+    monkeypatch.setattr(_ext, "_HERE", str(tmp_path))
+    monkeypatch.setattr(_ext, "BUILD_INFO", str(tmp_path / "_build_info.json"))
+    _ext.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits = torch.randn(6, 8)
+            for _ in range(3):
+                routing = finteam_kernels.topk_gating(logits, 2)
+                plan = finteam_kernels.dispatch(routing.ids_TK, 8)
+                finteam_kernels.permute(torch.randn(6, 4), plan)
+            assert _backend.pick_backend(None, torch.device("cpu"), "permute") == "reference"
+    finally:
+        _ext.load.cache_clear()
+    ours = [str(w.message) for w in caught if "finteam" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert cause in ours[0]
