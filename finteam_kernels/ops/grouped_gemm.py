@@ -20,9 +20,9 @@ GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     """fp32 operands multiply as PyTorch's own fp32 matmuls do (TF32 only when PyTorch allows
-    it); bf16 tiles are widened before tl.dot under the interpreter, whose bf16 dot is wrong."""
+    it); under the interpreter the kernels work around its bf16 traps."""
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"UPCAST": interpreting() and dtype == torch.bfloat16, "DOT_PRECISION": "tf32" if tf32 else "ieee"}
+    return {"INTERPRETED": interpreting(), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
 def gemm(a: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, *,

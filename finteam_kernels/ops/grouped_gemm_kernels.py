@@ -66,6 +66,27 @@ def activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def dot_operand(t, INTERPRETED: tl.constexpr):
+    """t ready for tl.dot. Under the interpreter (INTERPRETED), whose bf16 tl.dot is wrong, bf16
+    tiles are widened to fp32 first: exact, as the GPU's bf16 products are exact in fp32 too."""
+    if INTERPRETED and t.dtype == tl.bfloat16:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def store(ptrs, x, mask, INTERPRETED: tl.constexpr):
+    """Store fp32 `x` rounded once, to nearest even, to the pointers' dtype. The interpreter's
+    fp32 -> bf16 conversion truncates (twice the GPU's error), so under it (INTERPRETED) the value
+    is first rounded to bf16's 8 significant bits in integer arithmetic, and the conversion is exact."""
+    if INTERPRETED and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _find_row_tile(offsets_ptr, E, tile, BLOCK_M: tl.constexpr, EXPERT_CHUNK: tl.constexpr):
     """(expert, first row of this tile) for global row tile `tile` of the expert-grouped rows,
     where expert e owns cdiv(rows of e, BLOCK_M) consecutive tiles; expert == E when `tile` is
@@ -93,7 +114,7 @@ def _grouped_gemm_kernel(
     a_ptr, index_ptr, b_ptr, offsets_ptr, c_ptr, h_ptr,
     N, O, D, E, index_div, rows_bucket,
     stride_am, stride_ad, stride_be, stride_bo, stride_bd, stride_cm, stride_co, stride_hm, stride_ho,
-    GATHER: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+    GATHER: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, INTERPRETED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EXPERT_CHUNK: tl.constexpr,
@@ -105,7 +126,7 @@ def _grouped_gemm_kernel(
       c[r, j] = act(gate[r, j]) * up[r, j]; with STORE_H, h[r, :2*O] = [gate | up] too.
     - Masked: rows past their expert's end, columns past O, the reduction tail past D (loaded as
       zeros). Rows past N are never touched; any strides, including 0.
-    - UPCAST (set only under the interpreter, whose bf16 tl.dot is wrong) multiplies in fp32.
+    - INTERPRETED (set only under the interpreter) works around its bf16 traps: see `dot_operand`, `store`.
     - `rows_bucket` (N rounded up to a power of two) is only the autotune key.
     Cost: the operands of each tile once per K step (2*N*O*D flops, one read of every weight
     tile per row tile): compute-bound at real sizes.
@@ -144,17 +165,12 @@ def _grouped_gemm_kernel(
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_mask = ks < D - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a = dot_operand(tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0), INTERPRETED)
+        b = dot_operand(tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0), INTERPRETED)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if ACTIVATION != "none":
             b_up = tl.load(b_ptrs + up_shift, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            if UPCAST:
-                b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, dot_operand(b_up, INTERPRETED), acc_up, input_precision=DOT_PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step
 
@@ -162,12 +178,12 @@ def _grouped_gemm_kernel(
     if ACTIVATION != "none":
         if STORE_H:
             h_ptrs = h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_ho
-            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
-            tl.store(h_ptrs + tl.full([], O, tl.int64) * stride_ho, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
+            store(h_ptrs, acc, mask, INTERPRETED)
+            store(h_ptrs + tl.full([], O, tl.int64) * stride_ho, acc_up, mask, INTERPRETED)
         act, _ = activation(acc, ACTIVATION)
         acc = act * acc_up
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_co
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    store(c_ptrs, acc, mask, INTERPRETED)
 
 
 @triton.jit
@@ -175,7 +191,7 @@ def _grouped_wgrad_kernel(
     dy_ptr, a_ptr, index_ptr, offsets_ptr, dw_ptr,
     O, D, index_div, rows_bucket,
     stride_dym, stride_dyo, stride_am, stride_ad, stride_dwe, stride_dwo, stride_dwd,
-    GATHER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw[e, :O, :D] = dy[rows of e, :O]^T @ a[src(rows of e), :D] for every expert e.
@@ -185,7 +201,7 @@ def _grouped_wgrad_kernel(
       atomics, the same result on every run).
     - src(r) = index[r] // index_div if GATHER else r. An expert with no rows writes zeros.
     - dw may be a strided view (e.g. the transpose of the weight it is the gradient of).
-    - UPCAST and `rows_bucket` as in `_grouped_gemm_kernel`.
+    - INTERPRETED and `rows_bucket` as in `_grouped_gemm_kernel`.
     Cost: 2*N*O*D flops; every dy and a row is read once per (O tile, D tile) of its expert.
     """
     pid = tl.program_id(0)
@@ -209,12 +225,9 @@ def _grouped_wgrad_kernel(
                        mask=o_mask[:, None] & row_mask[None, :], other=0.0)
         a = tl.load(a_ptr + src[:, None] * stride_am + d_idx[None, :] * stride_ad,
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            dy_t = dy_t.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(dy_t, a, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dot_operand(dy_t, INTERPRETED), dot_operand(a, INTERPRETED), acc, input_precision=DOT_PRECISION)
     dw_ptrs = dw_ptr + expert * stride_dwe + o_idx[:, None] * stride_dwo + d_idx[None, :] * stride_dwd
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & d_mask[None, :])
+    store(dw_ptrs, acc, o_mask[:, None] & d_mask[None, :], INTERPRETED)
 
 
 def family(element_size: int, glu: bool = False) -> str:
@@ -338,7 +351,7 @@ def aot_specs():
     for name, dtype, precision, act, gather, store_h, layout, every in gemms:
         configs = GEMM_CONFIGS[name] if every else (GEMM_CONFIGS[name][0],)
         for config in configs:
-            constexprs = {"GATHER": gather, "ACTIVATION": act, "STORE_H": store_h, "UPCAST": False,
+            constexprs = {"GATHER": gather, "ACTIVATION": act, "STORE_H": store_h, "INTERPRETED": False,
                           "DOT_PRECISION": precision, "EXPERT_CHUNK": EXPERT_CHUNK}
             tags = f"{act},{layout}{',gather' if gather else ''}{',h' if store_h else ''},{precision}"
             specs.append(aot_spec(tags, _grouped_gemm_kernel, _GEMM_SIGNATURE, dtype, b_layouts[layout], constexprs,
@@ -354,7 +367,7 @@ def aot_specs():
     for name, dtype, gather, layout, every in wgrads:
         configs = WGRAD_CONFIGS[name] if every else (WGRAD_CONFIGS[name][0],)
         for config in configs:
-            constexprs = {"GATHER": gather, "UPCAST": False, "DOT_PRECISION": "ieee"}
+            constexprs = {"GATHER": gather, "INTERPRETED": False, "DOT_PRECISION": "ieee"}
             tags = f"{layout}{',gather' if gather else ''}"
             specs.append(aot_spec(tags, _grouped_wgrad_kernel, _WGRAD_SIGNATURE, dtype, dw_layouts[layout], constexprs,
                                wgrad_meta(config)))

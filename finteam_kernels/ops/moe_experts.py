@@ -23,7 +23,7 @@ import torch
 
 from .. import _checks, reference
 from .._backend import kernel, pick_backend
-from ._triton import cdiv, device_guard
+from ._triton import cdiv, device_guard, interpreting
 from .dispatch import dispatch_fwd
 from .grouped_gemm import GEMM_DTYPES, gemm, wgrad
 from .permute import permute_bwd
@@ -60,7 +60,7 @@ def _glu_backward(h_N2I: torch.Tensor, g_NI: torch.Tensor, row_to_slot_N: torch.
         _glu_backward_kernel[(cdiv(N, meta["BLOCK_R"]),)](
             h_N2I, g_NI, row_to_slot_N, topk_weights_TK.contiguous(), dh_N2I, g_NI, grad_weights_TK,
             N, I, h_N2I.stride(0), h_N2I.stride(1), g_NI.stride(0), g_NI.stride(1), dh_N2I.stride(0),
-            g_NI.stride(0), ACTIVATION=activation, **meta,
+            g_NI.stride(0), ACTIVATION=activation, INTERPRETED=interpreting(), **meta,
         )
     return dh_N2I, g_NI, grad_weights_TK
 

@@ -13,14 +13,14 @@ backward's first GEMM) and w_r the routing weight of row r's slot:
 import triton
 import triton.language as tl
 
-from .grouped_gemm_kernels import activation
+from .grouped_gemm_kernels import activation, store
 
 
 @triton.jit
 def _glu_backward_kernel(
     h_ptr, g_ptr, slot_ptr, weights_ptr, dh_ptr, wa_ptr, grad_weights_ptr,
     N, I, stride_hm, stride_hi, stride_gm, stride_gi, stride_dhm, stride_wam,
-    ACTIVATION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    ACTIVATION: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """For routed row r, with s = slot[r], w = weights[s], gate = h[r, :I], up = h[r, I:]:
         a = act(gate) * up,  dh[r] = [w*g*up*act'(gate) | w*g*act(gate)],  wa[r] = w * a,
@@ -30,7 +30,7 @@ def _glu_backward_kernel(
       written exactly once.
     - weights and grad_weights are contiguous [N] (indexed by slot); dh and wa have unit column
       stride. wa may be g itself: each element of g is read before the same program overwrites it.
-    - fp32 math, every output rounded once to its dtype.
+    - fp32 math, every output rounded once to its dtype (INTERPRETED: see grouped_gemm_kernels.store).
     Cost: memory-bound, one read of h and g, one write of dh and wa (6*N*I elements).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -52,11 +52,10 @@ def _glu_backward_kernel(
         dot += g * a
         da = weight * g
         dh_ptrs = dh_ptr + rows[:, None] * stride_dhm + cols[None, :]
-        tl.store(dh_ptrs, (da * up * act_grad).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + I, (da * act).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(wa_ptr + rows[:, None] * stride_wam + cols[None, :], (weight * a).to(wa_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(grad_weights_ptr + slots, tl.sum(dot, 1).to(grad_weights_ptr.dtype.element_ty), mask=row_mask)
+        store(dh_ptrs, da * up * act_grad, mask, INTERPRETED)
+        store(dh_ptrs + I, da * act, mask, INTERPRETED)
+        store(wa_ptr + rows[:, None] * stride_wam + cols[None, :], weight * a, mask, INTERPRETED)
+    store(grad_weights_ptr + slots, tl.sum(dot, 1), row_mask, INTERPRETED)
 
 
 def launch_config(I: int) -> dict:
@@ -80,5 +79,6 @@ def aot_specs():
                                 ("bf16", "bf16", "silu"), ("fp16", "fp32", "silu"), ("fp32", "fp32", "silu")):
         sig = {**signature, "weights_ptr": f"*{weights}", "grad_weights_ptr": f"*{weights}"}
         specs.append(aot_spec(f"{act},weights {weights}", _glu_backward_kernel, sig, dtype, ("stride_hi", "stride_gi"),
-                              {"ACTIVATION": act}, launch_config(4096)))
+                              {"ACTIVATION": act, "INTERPRETED": False},
+                              launch_config(4096)))
     return specs
