@@ -12,8 +12,8 @@ fp16/bf16 against the fp32 reference, at most twice plain PyTorch's own error at
 import pytest
 import torch
 
-from finteam_kernels import _ext, dispatch, grouped_gemm, moe_experts, permute, reference, router_losses, \
-    topk_gating, unpermute
+from finteam_kernels import (_ext, dispatch, grouped_gemm, moe_experts, permute, reference, router_losses,
+                             topk_gating, unpermute)
 from tests.tolerance import assert_close
 
 pytestmark = pytest.mark.cuda
