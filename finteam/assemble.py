@@ -93,13 +93,14 @@ def ffn_inputs(base, tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
     def hook(i):
         def grab(module, args):
             x = args[0]
-            sums[i] += (x.float() * mask_box["m"].unsqueeze(-1)).sum((0, 1))
+            sums[i] += (x.float() * mask_box["m"].unsqueeze(-1)).sum((0, 1)).cpu()
         return grab
 
     handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         for start in range(0, len(texts), 16):
             batch = tokenizer(texts[start : start + 16], return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+            batch = {k: v.to(base.device) for k, v in batch.items()}
             mask_box["m"] = batch["attention_mask"].float()
             base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             count += int(batch["attention_mask"].sum())
@@ -112,8 +113,8 @@ def ffn_inputs(base, tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
 @torch.no_grad()
 def mean_embeddings(base, tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
     ids = [t[:max_len] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
-    mean_H = base.model.embed_tokens.weight[flat].float().mean(0)
+    flat = torch.tensor([i for row in ids for i in row], dtype=torch.long, device=base.device)
+    mean_H = base.model.embed_tokens.weight[flat].float().mean(0).cpu()
     return mean_H.expand(base.config.num_hidden_layers, -1)
 
 
@@ -140,12 +141,15 @@ def router_rows(recipe: Recipe, base, tokenizer, data_dir: Path, num_experts: in
     return rows
 
 
-def run(recipe: Recipe, data_dir: Path, base_dir: Path, expert_dirs: list[Path], tokenizer, out: Path, seed: int) -> dict:
+def run(recipe: Recipe, data_dir: Path, base_dir: Path, expert_dirs: list[Path], tokenizer, out: Path, seed: int,
+        device=None) -> dict:
+    """The team from the experts; the base runs the router-init prompts on `device`, and the
+    weights are combined on the CPU."""
     cfg = recipe.assemble
     experts = [load_model(d) for d in expert_dirs]
-    base = load_model(base_dir)
+    base = load_model(base_dir).to(device or "cpu")
     rows = router_rows(recipe, base, tokenizer, data_dir, len(ROLES) + cfg.base_expert, seed)
-    moe = build_moe(experts, base, cfg.base_expert, cfg.shared, cfg.top_k, cfg.router_aux_loss_coef, rows, seed)
+    moe = build_moe(experts, base.cpu(), cfg.base_expert, cfg.shared, cfg.top_k, cfg.router_aux_loss_coef, rows, seed)
     save_model(moe, out / "model", stamp(recipe, "assemble", seed=seed), tokenizer)
     total, active = models.num_params(moe), models.num_params(moe, cfg.top_k)
     log(f"assemble  Mixtral with {moe.config.num_local_experts} experts, top-{cfg.top_k}, router init {cfg.router_init}: "

@@ -35,12 +35,12 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], ma
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = pad_batch(chunk, tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in pad_batch(chunk, tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         labels = batch["labels"][:, 1:]
         picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        out.append((picked * (labels >= 0)).sum(-1))
+        out.append((picked * (labels >= 0)).sum(-1).cpu())
     return torch.cat(out).view(len(prompts), len(choices))
 
 
@@ -56,9 +56,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_len:
         for i, e in enumerate(encoded):
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, width:]:
+        for row in out[:, width:].cpu():
             answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n\n")[0].strip())
     return answers
 
@@ -89,11 +89,11 @@ def routing(moe, tokenizer, tests: dict[str, list[Example]], max_len: int, batch
         counts_LE = torch.zeros(moe.config.num_hidden_layers, num_experts)
         for start in range(0, len(examples), batch_size):
             pairs = [encode_example(tokenizer, e.prompt, e.answer, max_len) for e in examples[start : start + batch_size]]
-            batch = pad_batch(pairs, tokenizer.pad_token_id)
+            batch = {k_: v.to(moe.device) for k_, v in pad_batch(pairs, tokenizer.pad_token_id).items()}
             out = moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
             keep_T = batch["attention_mask"].reshape(-1).bool()
             for layer, logits_TE in enumerate(out.router_logits):
-                ids_TK = logits_TE[keep_T].topk(k, dim=-1).indices
+                ids_TK = logits_TE[keep_T].topk(k, dim=-1).indices.cpu()
                 counts_LE[layer] += torch.bincount(ids_TK.reshape(-1), minlength=num_experts).float()
         table[task] = (counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)).tolist()
     return table

@@ -131,7 +131,7 @@ def run_assemble(recipe: Recipe, k: int, force: bool = False) -> None:
     if world()[0] != 0:
         return
     stage("assemble", p.model(k, "moe"), recipe, force,
-          lambda: assemble.run(recipe, p.data, base_dir(recipe, k), experts, tok, p.model(k, "moe"), seed))
+          lambda: assemble.run(recipe, p.data, base_dir(recipe, k), experts, tok, p.model(k, "moe"), seed, device_of(recipe)))
     if "merge" in recipe.evaluate.baselines:
         stage("merge", p.model(k, "merge"), recipe, force, lambda: assemble.merge(experts, recipe, tok, p.model(k, "merge"), seed))
 
@@ -170,7 +170,7 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
     def scores() -> dict:
         results, table = {}, {}
         for name in model_names(recipe):
-            model = evaluate.load_model(p.tuned(k, name) / "model")
+            model = evaluate.load_model(p.tuned(k, name) / "model").to(device_of(recipe))
             if instruct.is_moe(model):
                 evaluate.models.use_experts(model, recipe.instruct.experts_implementation)
                 table = evaluate.routing(model, tok, tests, recipe.instruct.max_len, recipe.evaluate.batch_size)
