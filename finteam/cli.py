@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"\nfinteam: {stop.message}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print(f"\nfinteam {command}: interrupted; finished stages are kept, rerun to go on", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError) as err:
         print(f"finteam {command}: {err}", file=sys.stderr)
         return 1

@@ -178,7 +178,11 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
             results[label(name)] = evaluate.evaluate_model(model, tok, tests, meta, recipe.evaluate, recipe.instruct.max_len)
             log(f"evaluate {label(name)}  " + "  ".join(f"{t} {next(iter(m.values())):.3f}" for t, m in results[label(name)].items())
                 + f"  ({duration(time.perf_counter() - t0)})")
-        write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table})
+        speed = {}
+        if recipe.evaluate.throughput and k == 0:
+            dense = p.tuned(k, "dense") / "model" if "dense" in recipe.evaluate.baselines else None
+            speed = evaluate.throughput_table(p.tuned(k, "team") / "model", dense, recipe.evaluate)
+        write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table, "throughput": speed})
         return {"models": list(results)}
 
     stage("evaluate", p.seed(k) / "eval", recipe, force, scores)
@@ -204,13 +208,10 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     routing_mean = {t: torch.tensor(v).mean(0).tolist() for t, v in routing.items()}
     if routing:
         evaluate.heat_map(routing, expert_names(recipe), p.run / "routing.png")
-    speed = {}
-    if recipe.evaluate.throughput:
-        dense = p.tuned(seeds[0], "dense") / "model" if "dense" in recipe.evaluate.baselines else None
-        speed = evaluate.throughput_table(p.tuned(seeds[0], "team") / "model", dense, recipe.evaluate)
+    speed = per_seed[0].get("throughput", {})
     notes = [f"{len(seeds)} seed(s) (mean ± sample standard deviation when more than one); test examples per task: "
              + ", ".join(f"{t} {len(v)}" for t, v in tests.items()) + "."]
-    notes.append("Test prompts whose text also occurs in train or valid were removed from train/valid before training.")
+    notes.append("Held out: no test item (prompt, or the post after `Text:` for real files) occurs in train or valid.")
     text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes)
     write_json(p.run / "results.json", {"summary": summary, "per_seed": per_seed, "throughput": speed,
                                         "routing_mean": routing_mean, "tasks": meta, **stamp(recipe, "report")})
