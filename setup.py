@@ -102,12 +102,18 @@ def _extensions():
 
         def build_extension(self, ext):
             kind = ext.name.rsplit("_C_", 1)[1]
-            try:
-                super().build_extension(ext)
-            except Exception as err:  # noqa: BLE001: any failure leaves the package usable without it
-                last_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                notes[kind] = f"the {kind} extension failed to build: {last_line}"
-                traceback.print_exc()
+            cxx = os.environ.get("CXX", "c++")
+            if shutil.which(cxx.split()[0]) is None:
+                notes[kind] = f"no C++ compiler found ({cxx!r} is not on PATH: install g++, or set CXX, and reinstall)"
+            else:
+                try:
+                    super().build_extension(ext)
+                except Exception as err:  # noqa: BLE001: any failure leaves the package usable without it
+                    traceback.print_exc()
+                    last_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                    notes[kind] = (f"the {kind} extension failed to build ({last_line}; "
+                                   "`pip install -v` shows the compiler's errors)")
+            if kind in notes:
                 print(f"WARNING: {notes[kind]}; the package will use its Triton/reference backends", file=sys.stderr)
                 return
             built = self.get_ext_fullpath(ext.name)
