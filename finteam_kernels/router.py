@@ -37,6 +37,11 @@ def capacity_keep(ids_TK: torch.Tensor, num_experts: int, capacity_factor: float
     equal choice ranks, earlier tokens first. So a token loses its lower-ranked experts first, and
     late tokens lose out to early ones. Computed with a stable dispatch of the ids in that order:
     an assignment's row inside its expert is its place in the queue. No host sync.
+
+    The layer zeroes a dropped assignment's weight (no renormalisation of the others): it adds
+    nothing to the output and gets no gradient. moe_experts still computes its row, as the ops
+    take a dense [T, K] routing: capacity shapes what the model learns, not the compute. Under
+    expert parallelism T is the rank's own tokens.
     """
     T, K = ids_TK.shape
     capacity = math.ceil(capacity_factor * T * K / num_experts)
