@@ -142,8 +142,7 @@ def test_grouped_gemm_reads_far_rows(backend):
 def test_grouped_gemm_weight_gradient_writes_far_experts():
     """The weight-gradient kernel stores expert 2's tile past 2**31 elements (launchers allocate
     contiguous outputs, so this drives the Triton launch helper with a far output view)."""
-    if "triton" not in BACKENDS:
-        pytest.skip("triton is not installed")
+    needs_triton()
     from finteam_kernels.ops.grouped_gemm import wgrad
 
     D, O = 6, 5
@@ -152,6 +151,67 @@ def test_grouped_gemm_weight_gradient_writes_far_experts():
     grad_w_far = far_rows(3, O * D).view(3, O, D)
     wgrad(grad_NO, x_ND, offsets, out_EOD=grad_w_far)
     assert torch.equal(grad_w_far, wgrad(grad_NO, x_ND, offsets))
+
+
+def needs_triton():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is not installed")
+    from finteam_kernels.ops import grouped_gemm_kernels
+
+    return grouped_gemm_kernels
+
+
+@pytest.mark.parametrize("family", ["plain", "glu", "fp32"])
+def test_every_config_matches_reference(monkeypatch, family):
+    """Each autotune config (the tests above run the default one) through the launch helpers:
+    the forward, with the gather and GLU epilogue for the gate/up family, and the weight
+    gradient. Rows end inside tiles of every height; D and O span several tiles of every width."""
+    kernels = needs_triton()
+    from finteam_kernels.ops.grouped_gemm import gemm, wgrad
+
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    counts, D, O = [30, 0, 1, 69], 70, 130
+    offsets, N = offsets_of(counts), sum(counts)
+    glu = family == "glu"
+    x = torch.randn(N, D, dtype=dtype)
+    index = torch.randperm(N).to(torch.int32)  # with GLU, row r gathers token index[r] // 2 (K=2)
+    w = torch.randn(len(counts), 2 * O if glu else O, D, dtype=dtype)
+    x_rows = x[index.long() // 2] if glu else x
+    h_expected = reference.grouped_gemm(x_rows.float(), w.float(), offsets)
+    h_baseline = reference.grouped_gemm(x_rows, w, offsets)
+    y_expected = reference.glu(h_expected, "silu") if glu else h_expected
+    y_baseline = reference.glu(h_baseline, "silu") if glu else h_baseline
+    dy = torch.randn(N, O, dtype=dtype)
+    dw_expected = torch.stack([dy[a:b].float().t() @ x_rows[a:b].float() for a, b in zip(offsets, offsets[1:])])
+    dw_baseline = torch.stack([dy[a:b].t() @ x_rows[a:b] for a, b in zip(offsets, offsets[1:])])
+    for config in kernels.GEMM_CONFIGS[family]:
+        monkeypatch.setattr(kernels, "default_gemm_config", lambda *_, c=config: kernels.gemm_meta(c))
+        if glu:
+            y, h = gemm(x, w, offsets, index_N=index, index_div=2, activation="silu", keep_h=True)
+            assert_close(h, h_expected, baseline=h_baseline, name=f"{config}: h")
+        else:
+            y, _ = gemm(x, w, offsets)
+        assert_close(y, y_expected, baseline=y_baseline, name=f"{config}: y")
+    for config in kernels.WGRAD_CONFIGS["fp32" if family == "fp32" else "plain"]:
+        monkeypatch.setattr(kernels, "default_wgrad_config", lambda *_, c=config: kernels.wgrad_meta(c))
+        dw = wgrad(dy, x, offsets, index_N=index, index_div=2) if glu else wgrad(dy, x, offsets)
+        assert_close(dw, dw_expected, baseline=dw_baseline, name=f"{config}: dw")
+
+
+def test_autotuned_launch(monkeypatch):
+    """The tuned path (each config benchmarked, the best launched) end to end, on a stand-in
+    benchmark that runs each config once: checks the grids, keys and config plumbing that only
+    a GPU would otherwise exercise."""
+    kernels = needs_triton()
+    import finteam_kernels.ops.grouped_gemm as op
+
+    monkeypatch.setattr(op, "autotune_enabled", lambda: True)
+    for tuned in (*kernels.GEMM_TUNED.values(), *kernels.WGRAD_TUNED.values()):
+        monkeypatch.setitem(tuned.__dict__, "do_bench", lambda kernel_call, quantiles: (kernel_call(), [1.0] * 3)[1])
+    counts, D, O = [5, 0, 12], 20, 9
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = torch.randn(sum(counts), D, dtype=dtype), torch.randn(len(counts), O, D, dtype=dtype)
+        check_against_reference(x, w, offsets_of(counts), "triton", f"tuned {dtype}")
 
 
 def test_reference_grouped_gemm_gradcheck():
@@ -163,8 +223,7 @@ def test_reference_grouped_gemm_gradcheck():
 
 
 def test_grouped_gemm_opcheck():
-    if "triton" not in BACKENDS:
-        pytest.skip("triton is not installed")
+    needs_triton()
     counts, D, O = [3, 0, 4], 9, 6
     offsets = offsets_of(counts)
     x = torch.randn(sum(counts), D, requires_grad=True)

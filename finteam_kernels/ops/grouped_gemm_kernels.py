@@ -10,7 +10,7 @@ times the column tiles, so the host never reads the offsets; each program finds 
 row tile from the offsets on the device and surplus programs exit at once. Strides are arguments,
 so the same kernel computes x @ w[e]^T and x @ w[e] (a transposed view of w) and reads strided
 and stride-0 inputs. Two fusions serve the MoE layer:
-  - row gather: row r reads `a[index[r] // INDEX_DIV]` (the permute of tokens into expert order
+  - row gather: row r reads `a[index[r] // index_div]` (the permute of tokens into expert order
     happens inside the GEMM, so the permuted copy is never written);
   - GLU epilogue: w holds gate rows then up rows ([E, 2*O, D]); each program computes the gate and
     the up tile of its columns and writes act(gate) * up, and optionally the pre-activation

@@ -4,20 +4,22 @@ Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N =
 Weights in transformers' layout (Mixtral, Qwen-MoE): w_gate_up_E2IH holds each expert's gate rows
 then its up rows, w_down_EHI its down projection; shared with a model without copies.
 
-Forward, five launches and no host synchronisation:
-  dispatch                     ids -> expert offsets and the row <-> slot permutation
-  gate/up GEMM                 a_NI = act(x[token(r)] @ W_gu[e]^T gate) * (... up): the permute
-                               of x is fused into the GEMM's loads and the GLU into its epilogue;
-                               h_N2I = [gate | up] is kept when a backward will follow
-  down GEMM                    y_NH = a_NI @ W_down[e]^T
-  unpermute                    out_TH[t] = sum_j w[t, j] * y_NH[row of slot t*K+j] (fp32, no atomics)
+Forward, with no host synchronisation (r is a routed row, e(r) its expert):
+  dispatch       ids -> expert offsets and the row <-> slot permutation
+  gate/up GEMM   [gate | up] = x[token(r)] @ W_gu[e]^T and a_NI = act(gate) * up in one kernel: the
+                 permute of x is fused into the GEMM's loads, the GLU into its epilogue, which also
+                 writes h_N2I = [gate | up] when a backward will follow
+  down GEMM      y_NH = a_NI @ W_down[e]^T
+  unpermute      out_TH[t] = sum_j w[t, j] * y_NH[row of slot t*K+j] (fp32, no atomics)
 Backward, memory-aware: only h_N2I is kept (a GEMM to recompute), not a_NI (elementwise from h),
 x_NH (a gather) nor y_NH (never needed: see moe_experts_kernels.py):
   g_NI = grad_out[token(r)] @ W_down[e]                   (GEMM, gather fused)
-  dh_N2I, w*a_NI, grad_weights_TK from (h, g, w)           (one elementwise pass)
+  dh_N2I, w*a_NI, grad_weights_TK from (h, g, w)           (one elementwise pass, w*a over g)
+  dW_down[e] = grad_out[tokens of e]^T @ (w*a)_e           (weight-gradient GEMM, gather fused)
   dx_TH = gather-sum over slots of dh_N2I @ W_gu[e]        (GEMM, then permute's backward)
-  dW_gu[e] = dh_e^T @ x[tokens of e],  dW_down[e] = grad_out[tokens of e]^T @ (w*a)_e
-                                                           (weight-gradient GEMMs, gather fused)
+  dW_gu[e] = dh_e^T @ x[tokens of e]                       (weight-gradient GEMM, gather fused)
+Each temporary is released once used, so the backward's peak beyond its outputs is h and dh plus
+one [N, I] or [N, H] buffer.
 """
 import torch
 
@@ -74,14 +76,17 @@ def moe_experts_bwd(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: 
     grad_TH = grad_TH.to(x_TH.dtype)
     g_NI, _ = gemm(grad_TH, w_down_EHI.transpose(1, 2), expert_offsets_E1, index_N=row_to_slot_N, index_div=K)
     dh_N2I, wa_NI, grad_weights_TK = _glu_backward(h_N2I, g_NI, row_to_slot_N, topk_weights_TK, activation)
-    dx_NH, _ = gemm(dh_N2I, w_gate_up_E2IH.transpose(1, 2), expert_offsets_E1)
-    grad_x_TH = permute_bwd(dx_NH, slot_to_row_N, K)
-    grad_w_gate_up_E2IH = wgrad(dh_N2I, x_TH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K)
+    del g_NI  # its memory now holds wa_NI
     grad_w_down_EHI = w_down_EHI.new_empty(w_down_EHI.shape)
     # dW_down[e]^T = (w*a)_e^T @ grad_out[tokens of e]: the gather stays on the wgrad's second
     # operand, and the result lands in the transposed view
     wgrad(wa_NI, grad_TH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K,
           out_EOD=grad_w_down_EHI.transpose(1, 2))
+    del wa_NI
+    dx_NH, _ = gemm(dh_N2I, w_gate_up_E2IH.transpose(1, 2), expert_offsets_E1)
+    grad_x_TH = permute_bwd(dx_NH, slot_to_row_N, K)
+    del dx_NH
+    grad_w_gate_up_E2IH = wgrad(dh_N2I, x_TH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K)
     return grad_x_TH, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI
 
 
