@@ -30,15 +30,18 @@ NAME = "finteam"
 
 # The activation module transformers built from `config.hidden_act`, mapped to moe_experts'
 # names. Each entry computes the same function: the tanh-approximated GELUs differ only in
-# rounding.
-_ACTIVATIONS = {
-    activations.SiLUActivation: "silu",
-    nn.SiLU: "silu",
-    activations.GELUActivation: "gelu",
-    activations.GELUTanh: "gelu_tanh",
-    activations.NewGELUActivation: "gelu_tanh",
-    activations.FastGELUActivation: "gelu_tanh",
-    activations.AccurateGELUActivation: "gelu_tanh",
+# rounding. By class name, as transformers 5 releases renamed some (PytorchGELUTanh -> GELUTanh).
+_ACTIVATION_CLASSES = {
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+}
+_ACTIVATIONS = {nn.SiLU: "silu"} | {
+    getattr(activations, cls): name for cls, name in _ACTIVATION_CLASSES.items() if hasattr(activations, cls)
 }
 
 # Flags that transformers' `use_experts_implementation` sets on an experts module, with the value
