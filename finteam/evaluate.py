@@ -14,10 +14,12 @@ tokens/s (one forward over the batch), decode tokens/s (greedy generation with t
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import model as models
 from .batches import encode_example, pad_batch
@@ -67,7 +69,7 @@ def evaluate_model(model, tokenizer, tests: dict[str, list[Example]], meta: dict
     """{task: {metric: value}} on the test examples."""
     model.eval()
     results = {}
-    for task, examples in tests.items():
+    for task, examples in tqdm(tests.items(), desc="evaluate", leave=False, disable=not sys.stderr.isatty()):
         info = meta[task]
         prompts, gold = [e.prompt for e in examples], [e.answer for e in examples]
         if info["choices"]:

@@ -26,8 +26,9 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import assemble, data, evaluate, instruct, pretrain, report
+from . import model as models
 from . import tokenizer as tokenizers
-from .checkpoint import done, mark_done, stamp, write_json
+from .checkpoint import done, load_model, mark_done, stamp, write_json
 from .config import ROLES, Recipe
 from .progress import duration, log
 from .train import world
@@ -105,7 +106,7 @@ def model_names(recipe: Recipe) -> list[str]:
 def run_pretrain(recipe: Recipe, k: int, force: bool = False, only: list[str] | None = None) -> None:
     p, dev, seed = Paths(recipe.run_dir), device_of(recipe), recipe.seed + k
     tok = tokenizers.load(p.tokenizer)
-    named = recipe.model.base in pretrain.models.SIZES
+    named = recipe.model.base in models.SIZES
     todo = only or (["base"] * named + list(ROLES) + ["dense"] * ("dense" in recipe.evaluate.baselines))
     for name in todo:
         out = p.model(k, name)
@@ -114,13 +115,12 @@ def run_pretrain(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
         elif name == "dense":
             stage("pretrain dense", out, recipe, force, lambda: pretrain.train_dense(recipe, p.data, tok, out, seed, dev))
         else:
-            base = p.model(k, "base") / "model" if named else Path(recipe.model.base)
             stage(f"pretrain {name}", out, recipe, force,
-                  lambda: pretrain.train_expert(recipe, name, p.data, base, tok, out, seed, dev))
+                  lambda: pretrain.train_expert(recipe, name, p.data, base_dir(recipe, k), tok, out, seed, dev))
 
 
 def base_dir(recipe: Recipe, k: int) -> Path:
-    named = recipe.model.base in pretrain.models.SIZES
+    named = recipe.model.base in models.SIZES
     return Paths(recipe.run_dir).model(k, "base") / "model" if named else Path(recipe.model.base)
 
 
@@ -170,9 +170,9 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
     def scores() -> dict:
         results, table = {}, {}
         for name in model_names(recipe):
-            model = evaluate.load_model(p.tuned(k, name) / "model").to(device_of(recipe))
+            model = load_model(p.tuned(k, name) / "model").to(device_of(recipe))
             if instruct.is_moe(model):
-                evaluate.models.use_experts(model, recipe.instruct.experts_implementation)
+                models.use_experts(model, recipe.instruct.experts_implementation)
                 table = evaluate.routing(model, tok, tests, recipe.instruct.max_len, recipe.evaluate.batch_size)
             t0 = time.perf_counter()
             results[label(name)] = evaluate.evaluate_model(model, tok, tests, meta, recipe.evaluate, recipe.instruct.max_len)
