@@ -270,6 +270,10 @@ def _run_cell_all(op, mode, s, T, routing, usable, bank, itemsize, roof, plan, s
         if provider.forward_only and mode != "forward":
             skipped.append({"op": op, "shape": s.name, "provider": provider.name, "reason": "inference only: no backward"})
             continue
+        too_slow = _too_slow(provider, op, mode, s, hit, itemsize, roof, plan.quick)
+        if too_slow:
+            skipped.append({**cell, "provider": provider.name, "reason": too_slow})
+            continue
         try:
             stats = run_cell(provider, op, mode, copies, plan.device, plan.quick, plan.memory)
         except Exception as err:  # noqa: BLE001 - a provider that fails is reported, never fatal
@@ -285,6 +289,18 @@ def _run_cell_all(op, mode, s, T, routing, usable, bank, itemsize, roof, plan, s
         log(f"  {op:12s} {mode:16s} {s.name:17s} {routing:7s} T={T:<6d} {provider.name:16s} {stats.median_ms:10.3f} ms")
     _add_ratios(rows)
     return rows
+
+
+def _too_slow(provider, op, mode, s, hit, itemsize, roof, quick) -> str | None:
+    """Why a provider's known extra traffic would keep one call past twice the slow-call limit."""
+    if provider.extra_bytes is None:
+        return None
+    extra = provider.extra_bytes(op, mode, s, hit, itemsize)
+    seconds = extra / (roof["mem_gbs"] * 1e9)
+    limit = 2 * (harness.QUICK if quick else harness.FULL)["slow_s"]
+    if seconds <= limit:
+        return None
+    return f"not run: moves {extra / 1e9:.0f} GB more than the op needs, over {seconds:.0f} s a call at the measured bandwidth"
 
 
 def roofline(nbytes: float, flops: float, ms: float, roof: dict) -> dict:

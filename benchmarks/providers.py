@@ -73,6 +73,9 @@ class Provider:
     why_unusable: Callable[[str, torch.device], str | None]
     graph_safe: bool = False  # no host sync: may be captured in a CUDA graph
     forward_only: bool = False
+    # Bytes a call moves beyond the op's own count, where a provider is known to (op, mode,
+    # shape, experts hit, element size): lets the run skip cells that would take minutes.
+    extra_bytes: Callable[[str, str, MoEShape, int, int], float] | None = None
 
 
 def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:
@@ -212,6 +215,14 @@ def _hf_builders(implementation: str) -> dict[str, Builder]:
     return {"moe_experts": moe_experts, "layer": layer}
 
 
+def _hf_eager_extra_bytes(op: str, mode: str, s: MoEShape, experts_hit: int, itemsize: int) -> float:
+    """transformers' eager experts index the weights once per expert hit, and the backward of
+    each index writes a gradient the size of all E experts' weights (zeros but one slice)."""
+    if mode == "forward" or op not in ("moe_experts", "layer"):
+        return 0.0
+    return float(experts_hit * s.num_experts * s.expert_bytes(itemsize))
+
+
 def _hf_unusable(implementation: str) -> Callable[[str, torch.device], str | None]:
     def why(op: str, device: torch.device) -> str | None:
         if not has_module("transformers"):
@@ -349,7 +360,7 @@ def all_providers() -> list[Provider]:
     reference = Provider("reference", "reference", _finteam_builders("reference"), _ours_unusable("reference"))
     megablocks = _megablocks_builders()
     peers = [
-        Provider("hf-eager", "peer", _hf_builders("eager"), _hf_unusable("eager")),
+        Provider("hf-eager", "peer", _hf_builders("eager"), _hf_unusable("eager"), extra_bytes=_hf_eager_extra_bytes),
         Provider("hf-grouped_mm", "peer", _hf_builders("grouped_mm"), _hf_unusable("grouped_mm")),
         Provider("hf-sonicmoe", "peer", _hf_builders("sonicmoe"), _hf_unusable("sonicmoe")),
         Provider("torch-grouped_mm", "peer", {"grouped_gemm": _torch_grouped_mm}, _torch_unusable, graph_safe=True),
