@@ -186,6 +186,7 @@ inf, nan = float("inf"), float("nan")
     (4, 8, 4, dict(num_groups=4, topk_groups=2)),  # groups of two, K = all of the kept groups
     (3, 7, 3, dict(score="sigmoid", num_groups=7, topk_groups=3, renormalize=False)),  # groups of one
     (2, 4096, 4, dict(num_groups=8, topk_groups=2)),  # a row of 4096 in shared memory: two warps a block
+    (2, 512, 512, {}),  # K = E = 512: every pick, the whole tie order of the arg-max passes
 ])
 def test_gating(emu, T, E, K, options):
     options = dict(options)
@@ -267,6 +268,7 @@ def dispatch(emu, ids, E):
     (300, 2, 8, None),  # 600 slots: two tiles of 512, repeats inside every 32-slot round
     (400, 2, 5, [3]),  # every slot on one expert, across tiles
     (260, 3, 40, [0, 17, 39]),  # most experts empty, at both ends
+    (300, 2, 512, None),  # E = 512: more experts than slots in a tile
 ])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_dispatch(emu, T, K, E, experts, ids_dtype):
@@ -293,7 +295,8 @@ def layout(rows, H, dtype, kind):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("kind", ["contiguous", "transposed", "offset"])
-@pytest.mark.parametrize("T, K, E, H", [(3, 2, 5, 33), (4, 3, 6, 264)])  # odd H; H of whole vectors, past 256 threads
+# odd H; H of whole vectors, past 256 threads; K = 8 sources per combined row
+@pytest.mark.parametrize("T, K, E, H", [(3, 2, 5, 33), (4, 3, 6, 264), (2, 8, 9, 40)])
 def test_rows(emu, T, K, E, H, dtype, kind):
     plan = plan_for(T, K, E)
     N = T * K
