@@ -14,10 +14,11 @@ Ours: `triton` (CUDA tensors), `cuda`, `cpu` (the compiled extension), each pick
 interpreter is never timed. `reference`: `finteam_kernels.reference`, through the public ops.
 Peers (a missing one is listed as skipped with the reason, never an error):
   hf-eager, hf-grouped_mm, hf-sonicmoe  transformers' Mixtral experts with that
-                                        `experts_implementation` (and its MoE block as the layer)
+                                        `experts_implementation`; as the layer, Mixtral's MoE
+                                        block (softmax top-k router) at each shape's sizes
   torch-grouped_mm                      `torch._grouped_mm`, the grouped GEMM under hf-grouped_mm
-  megablocks                            its gather/scatter (permute/unpermute), the
-                                        `grouped_gemm` package's gmm, and its dMoE layer
+  megablocks                            its gather/scatter (permute/unpermute) and dMoE layer
+  megablocks-gmm                        the `grouped_gemm` package's gmm that megablocks uses
   scattermoe                            its GLU MLP (the expert computation)
   vllm                                  `fused_topk` and `fused_experts` (inference only)
   liger                                 Liger's fused MoE autograd function
