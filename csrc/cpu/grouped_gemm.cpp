@@ -11,23 +11,13 @@
 #include <vector>
 
 #include "dot_bf16.h"
+#include "rows.h"
 #include "vmath.h"
 
 namespace finteam::cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
-
-std::vector<int64_t> host_offsets(const at::Tensor& offsets_E1, int64_t E, int64_t N, const char* op) {
-  const at::Tensor o = offsets_E1.to(at::kLong).contiguous();
-  TORCH_CHECK(o.numel() == E + 1, op, ": expert_offsets_E1 must have E+1 = ", E + 1, " entries; got ", o.numel());
-  std::vector<int64_t> v(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + E + 1);
-  TORCH_CHECK(v[0] == 0 && v[E] == N, op, ": expert_offsets_E1 must run from 0 to N=", N);
-  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(v[e] <= v[e + 1], op, ": expert_offsets_E1 must be non-decreasing");
-  return v;
-}
-
-at::Tensor dense_rows(const at::Tensor& t) { return t.stride(-1) == 1 && t.stride(0) != 0 ? t : t.contiguous(); }
 
 // The experts whose rows go through the streaming kernel; all of them in one parallel pass.
 void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,
@@ -54,7 +44,7 @@ void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<
 }
 
 at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
-  const at::Tensor x = dense_rows(x_ND), w = dense_rows(w_EOD);
+  const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_gemm: x_ND and w_EOD must have the same dtype");
   const int64_t N = x.size(0), E = w.size(0), O = w.size(1);
   auto y_NO = at::empty({N, O}, x.options());
@@ -77,8 +67,8 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
 
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, const at::Tensor& x_ND,
                                                     const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
-  const at::Tensor x = dense_rows(x_ND), w = dense_rows(w_EOD);
-  const at::Tensor grad = dense_rows(grad_NO.to(x.scalar_type()));
+  const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
+  const at::Tensor grad = rows_dense(grad_NO.to(x.scalar_type()));
   const int64_t N = x.size(0), E = w.size(0);
   auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto grad_w = at::empty_like(w, at::MemoryFormat::Contiguous);

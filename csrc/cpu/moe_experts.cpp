@@ -55,11 +55,6 @@ Shapes check_shapes(const at::Tensor& x_TH, const at::Tensor& weights_TK, const 
 
 at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-std::vector<int64_t> host_offsets(const at::Tensor& offsets_E1) {
-  const at::Tensor o = offsets_E1.to(at::kLong).contiguous();
-  return {o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel()};
-}
-
 // Rows of `x` (token order) that expert rows [first, first + M) read, without copying them.
 void token_rows(const at::Tensor& x, const int32_t* row_to_slot, int64_t K, int64_t first, int64_t M,
                 const c10::BFloat16** rows) {
@@ -138,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_plan(topk_ids_TK, s.E);
   auto h_N2I = at::empty({needs_grad ? s.N : 0, 2 * s.I}, x.options());
   auto y_NH = at::empty({s.N, s.H}, x.options());
-  const auto offsets = host_offsets(offsets_E1);
+  const auto offsets = host_offsets(offsets_E1, s.E, s.N, "moe_experts");
   const int32_t* row_to_slot = row_to_slot_N.const_data_ptr<int32_t>();
   const bool streaming = x.scalar_type() == at::kBFloat16 && skinny_gemm_available() && s.H > 0 && s.I > 0;
   std::vector<int64_t> streamed;
@@ -224,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   auto grad_w_gate_up = at::empty_like(w_gate_up);
   auto grad_w_down = at::empty_like(w_down);
   auto dx_NH = at::empty({s.N, s.H}, x.options());
-  const auto offsets = host_offsets(expert_offsets_E1);
-  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == s.E + 1, "moe_experts: expert_offsets_E1 must have E+1 entries");
+  const auto offsets = host_offsets(expert_offsets_E1, s.E, s.N, "moe_experts");
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) {

@@ -72,6 +72,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(const a
   return {offsets_E1, counts_E, row_to_slot_N, slot_to_row_N};
 }
 
+std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E, int64_t N, const char* op) {
+  const at::Tensor o = expert_offsets_E1.to(at::kLong).contiguous();
+  TORCH_CHECK(o.numel() == E + 1, op, ": expert_offsets_E1 must have E+1 = ", E + 1, " entries; got ", o.numel());
+  std::vector<int64_t> v(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + E + 1);
+  TORCH_CHECK(v[0] == 0 && v[E] == N, op, ": expert_offsets_E1 must run from 0 to N=", N);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(v[e] <= v[e + 1], op, ": expert_offsets_E1 must be non-decreasing");
+  return v;
+}
+
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
                  at::Tensor& out) {
   const int64_t H = x_TH.size(1), stride = x_TH.stride(0), bytes = H * x_TH.element_size();
