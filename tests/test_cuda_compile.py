@@ -85,8 +85,11 @@ def _short(name: str) -> str:
 
 
 def compile_one(nvcc: str, source: str, arch: str, out_dir: str) -> tuple[int, str]:
-    obj = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}.o")
-    proc = subprocess.run([nvcc, *NVCC_FLAGS, f"-arch={arch}", "-c", source, "-o", obj],
+    """One file for one architecture. The host side is the same for every architecture, so it is
+    compiled once (with the last one, a full object); the others compile device code only."""
+    mode = "-c" if arch == ARCHS[-1] else "-cubin"
+    out = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}{'.o' if mode == '-c' else '.cubin'}")
+    proc = subprocess.run([nvcc, *NVCC_FLAGS, f"-arch={arch}", mode, source, "-o", out],
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 
