@@ -284,7 +284,7 @@ def test_low_precision(T, E, K, options, dtype, backend):
     (257, 8, 2, {}),  # 128 rows per program: three programs, the last one partial
     (9, 257, 3, dict(score="sigmoid", expert_bias="randn")),  # 2 rows of 512 lanes per program
     (5, 1024, 4, dict(num_groups=8, topk_groups=2)),  # one row per program, grouped
-    (3, 2049, 2, {}),  # 8 warps, 4096 lanes
+    (3, 2049, 2, {}),  # two rows of 4096 lanes per program (32 warps on a GPU)
 ])
 def test_gpu_tiles(T, E, K, options, backend, monkeypatch):
     # The interpreter normally runs big tiles to save time; here the tiles a GPU would run.

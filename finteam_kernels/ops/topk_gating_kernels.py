@@ -28,7 +28,8 @@ _NONE = tl.constexpr(-(2**63))  # below every key: a lane that may not be picked
 def _gpu_tile(block_e: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps) on a GPU for rows of BLOCK_E lanes: about 8 elements per thread, so
     the tile, its int64 keys and ranks stay in registers."""
-    num_warps = min(16, max(4, block_e // 256))
+    # 16 warps at 4096 lanes spill on sm_80 (ptxas caps the registers); 32 warps do not
+    num_warps = max(4, block_e // 256) if block_e < 4096 else 32
     return max(1, num_warps * 32 * _ELEMENTS_PER_THREAD // block_e), num_warps
 
 
