@@ -45,7 +45,7 @@ class AotSpec(NamedTuple):
     code, e.g. HAS_WEIGHTS on and off), with the dtypes it is used with.
     """
 
-    name: str  # readable id, e.g. "gather_rows[bf16,HAS_SCALE=1]"
+    name: str  # readable id, e.g. "combine_rows[bf16,HAS_WEIGHTS=1]"
     fn: object  # the @triton.jit function (for an autotuned kernel, its `.fn`)
     signature: dict  # argument -> "*bf16", "*fp32", "*i32", "i32", "i64", "fp32" or "constexpr"
     constexprs: dict  # constexpr argument -> value
