@@ -22,6 +22,14 @@
 #include <cstdint>
 #include <string>
 
+// Helpers called from FINTEAM_SIMD kernels must be inlined into each clone to be vectorised
+// for its ISA; `inline` alone lets the compiler keep one baseline copy.
+#if defined(__GNUC__)
+#define FINTEAM_INLINE inline __attribute__((always_inline))
+#else
+#define FINTEAM_INLINE inline
+#endif
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__ELF__) && !defined(FINTEAM_NO_CLONES)
 #define FINTEAM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define FINTEAM_X86 1
@@ -52,7 +60,7 @@ inline at::Tensor rows_dense(const at::Tensor& t) {
 struct IndexView {
   const void* data;
   bool wide;
-  int64_t operator[](int64_t i) const {
+  FINTEAM_INLINE int64_t operator[](int64_t i) const {
     return wide ? static_cast<const int64_t*>(data)[i] : static_cast<const int32_t*>(data)[i];
   }
 };

@@ -37,7 +37,7 @@ bool parse_score(c10::string_view score) {
 // The scores of one token (the spec's nan_to_num, then softmax or sigmoid) into s[0..E);
 // returns false when the row has no finite logit (a dead row: zero scores, no gradient).
 template <typename scalar_t, typename acc_t>
-inline bool score_row(const scalar_t* x, int64_t E, bool softmax, acc_t* s) {
+FINTEAM_INLINE bool score_row(const scalar_t* x, int64_t E, bool softmax, acc_t* s) {
   int alive = 0;
   acc_t m = -kInf<acc_t>;
 #pragma omp simd reduction(| : alive) reduction(max : m)
@@ -69,7 +69,7 @@ inline bool score_row(const scalar_t* x, int64_t E, bool softmax, acc_t* s) {
 // The K largest of c[0..E), lowest index first among equals, in descending order. `taken` is
 // all zeros on entry and on return.
 template <typename acc_t>
-inline void select_top(const acc_t* c, int64_t E, int64_t K, acc_t* taken, int64_t* ids) {
+FINTEAM_INLINE void select_top(const acc_t* c, int64_t E, int64_t K, acc_t* taken, int64_t* ids) {
   for (int64_t j = 0; j < K; ++j) {
     acc_t best = -kInf<acc_t>;
 #pragma omp simd reduction(max : best)

@@ -15,7 +15,7 @@ Activation parse_activation(c10::string_view name);
 
 // f(a) and f'(a) of the activation: inlined into vectorised loops, so A is a template argument.
 template <Activation A, typename T>
-inline void activation(T a, T& f, T& df) {
+FINTEAM_INLINE void activation(T a, T& f, T& df) {
   if constexpr (A == Activation::silu) {
     const T s = vm::sigmoid(a);
     f = a * s;

@@ -15,28 +15,30 @@
 #include <cstring>
 #include <limits>
 
+#include "common.h"
+
 namespace finteam::cpu::vm {
 
-inline float from_bits(uint32_t u) {
+FINTEAM_INLINE float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint32_t to_bits(float f) {
+FINTEAM_INLINE uint32_t to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
 // Loads widen to the compute type; stores round to nearest even (NaN stays NaN).
-inline float widen(float v) { return v; }
-inline double widen(double v) { return v; }
-inline float widen(c10::BFloat16 v) { return from_bits(static_cast<uint32_t>(v.x) << 16); }
-inline float widen(c10::Half v) { return static_cast<float>(v); }
+FINTEAM_INLINE float widen(float v) { return v; }
+FINTEAM_INLINE double widen(double v) { return v; }
+FINTEAM_INLINE float widen(c10::BFloat16 v) { return from_bits(static_cast<uint32_t>(v.x) << 16); }
+FINTEAM_INLINE float widen(c10::Half v) { return static_cast<float>(v); }
 
 template <typename scalar_t>
-inline scalar_t narrow(float v) {
+FINTEAM_INLINE scalar_t narrow(float v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     uint32_t u = to_bits(v);
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -48,11 +50,11 @@ inline scalar_t narrow(float v) {
 }
 
 template <typename scalar_t>
-inline scalar_t narrow(double v) {
+FINTEAM_INLINE scalar_t narrow(double v) {
   return static_cast<scalar_t>(v);
 }
 
-inline float exp(float x) {
+FINTEAM_INLINE float exp(float x) {
   // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 split in two parts (Cody-Waite),
   // exp(r) by the Cephes minimax polynomial on |r| <= ln(2)/2.
   constexpr float kMax = 88.3762626647949f, kMin = -87.3365447505531f;
@@ -76,14 +78,14 @@ inline float exp(float x) {
   return x != x ? x : y;
 }
 
-inline double exp(double x) { return std::exp(x); }
+FINTEAM_INLINE double exp(double x) { return std::exp(x); }
 
 template <typename T>
-inline T sigmoid(T x) {
+FINTEAM_INLINE T sigmoid(T x) {
   return T(1) / (T(1) + exp(-x));
 }
 
-inline float erf(float x) {
+FINTEAM_INLINE float erf(float x) {
   float a = x < 0.0f ? -x : x;
   float t = 1.0f / (1.0f + 0.3275911f * a);
   float p = 1.061405429f;
@@ -95,9 +97,9 @@ inline float erf(float x) {
   return x < 0.0f ? -y : y;
 }
 
-inline double erf(double x) { return std::erf(x); }
+FINTEAM_INLINE double erf(double x) { return std::erf(x); }
 
-inline float tanh(float x) {
+FINTEAM_INLINE float tanh(float x) {
   // 1 - 2 / (e^2x + 1) loses relative accuracy near 0, so small |x| takes the odd polynomial.
   float big = 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
   float x2 = x * x;
@@ -105,9 +107,9 @@ inline float tanh(float x) {
   return (x < 0.125f && x > -0.125f) ? small : big;
 }
 
-inline double tanh(double x) { return std::tanh(x); }
+FINTEAM_INLINE double tanh(double x) { return std::tanh(x); }
 
-inline bool finite(float x) { return x - x == 0.0f; }
-inline bool finite(double x) { return x - x == 0.0; }
+FINTEAM_INLINE bool finite(float x) { return x - x == 0.0f; }
+FINTEAM_INLINE bool finite(double x) { return x - x == 0.0; }
 
 }  // namespace finteam::cpu::vm
