@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "cpu/common.h"
+#include "cpu/dot_bf16.h"
 
 namespace finteam {
 namespace {
@@ -106,7 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
           at::empty_symint(w_down_EHI.sym_sizes(), w_down_EHI.options())};
 }
 
-std::string cpu_capability() { return cpu::isa_name(); }
+std::string cpu_capability() {
+  const std::string kernel = cpu::streaming_kernel();
+  return cpu::isa_name() + ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
+}
 
 }  // namespace
 
@@ -142,7 +146,7 @@ TORCH_LIBRARY(finteam, m) {
       "moe_experts_bwd(Tensor grad_TH, Tensor x_TH, Tensor topk_weights_TK, Tensor w_gate_up_E2IH, Tensor w_down_EHI, "
       "Tensor h_N2I, Tensor expert_offsets_E1, Tensor row_to_slot_N, Tensor slot_to_row_N, str activation) -> "
       "(Tensor grad_x_TH, Tensor grad_weights_TK, Tensor grad_w_gate_up_E2IH, Tensor grad_w_down_EHI)");
-  // Not part of the launcher contract: the ISA level the CPU kernels chose here (for info.py).
+  // Not part of the launcher contract: what the CPU kernels chose on this CPU (for info.py).
   m.def("cpu_capability() -> str", &cpu_capability);
 }
 

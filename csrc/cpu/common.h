@@ -5,8 +5,8 @@
 //
 // Vectorisation without -march=native: loops over float arrays are written so the compiler
 // vectorises them, and marked FINTEAM_SIMD, which builds one clone per ISA level (AVX-512,
-// AVX2, baseline) and picks one when the library loads. Kernels that need a specific
-// instruction (the bf16 dot products) check `has_avx512_bf16()` and fall back to ATen.
+// AVX2, baseline) and picks one when the library loads. The hand-written AVX-512 kernels
+// (dot_bf16.h) check `isa_name()` and leave the work to ATen where they cannot run.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -43,7 +43,6 @@ namespace finteam::cpu {
 // The ISA level the kernels run at: "avx512_bf16", "avx512", "avx2" or "baseline". The
 // environment variable FINTEAM_CPU_ISA can lower it (to test the fallbacks), never raise it.
 const std::string& isa_name();
-bool has_avx512_bf16();
 
 // Rows handed to one thread at a time: big enough to amortise the fork, small enough to balance.
 inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {

@@ -3,6 +3,8 @@
 // Shape legend: D the reduction width, O output rows of the weight, M the batch rows.
 #pragma once
 
+#include <vector>
+
 #include "common.h"
 
 namespace finteam::cpu {
@@ -11,12 +13,35 @@ namespace finteam::cpu {
 // (measured on the reference CPU; above it the GEMM's blocking wins).
 constexpr int64_t kSkinnyMaxRows = 32;
 
-// Whether skinny_gemm_bf16 can run here (it needs AVX512-BF16); callers fall back to at::mm.
-bool skinny_gemm_available();
+// The kernel that streams bf16 weights here, chosen once when the library loads:
+//   "vdpbf16ps"  AVX512-BF16 dot products
+//   "fma"        AVX-512 FMAs on weights widened to fp32: CPUs without AVX512-BF16, and those
+//                with AMX, whose vdpbf16ps runs at a fraction of their FMA rate
+//   ""           none (no AVX-512): callers use ATen's GEMM instead
+// FINTEAM_CPU_STREAMING=vdpbf16ps|fma picks either one the CPU can run (to test both).
+const char* streaming_kernel();
+inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 
-// out[m * ldo + (o - o0)] = sum_{d < D} x_rows[m][d] * w[o * ldw + d], for o in [o0, o1) and
-// m in [0, M), accumulated in fp32. Single-threaded: callers split the rows o between threads.
-void skinny_gemm_bf16(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1,
-                      const c10::BFloat16* const* x_rows, int64_t M, float* out, int64_t ldo);
+class SkinnyRows;
+
+// out[m * ldo + (o - o0)] = sum_{d < D} x[m][d] * w[o * ldw + d], for o in [o0, o1) and
+// m in [0, x.size()), accumulated in fp32. Single-threaded: callers split the rows o.
+void skinny_gemm_bf16(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const SkinnyRows& x,
+                      float* out, int64_t ldo);
+
+// The batch rows of one expert (at most kSkinnyMaxRows, each D wide), prepared once for every
+// weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma one.
+class SkinnyRows {
+ public:
+  SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D);
+  int64_t size() const { return M_; }
+
+ private:
+  friend void skinny_gemm_bf16(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, const SkinnyRows&, float*,
+                               int64_t);
+  int64_t M_, stride_;
+  std::vector<const c10::BFloat16*> rows_;
+  std::vector<float> wide_;  // M rows of `stride_` floats: each 32-block as its 16 even, then 16 odd elements
+};
 
 }  // namespace finteam::cpu

@@ -22,20 +22,24 @@ constexpr int64_t kRowsPerTask = 64;
 // The experts whose rows go through the streaming kernel; all of them in one parallel pass.
 void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,
                     const std::vector<int64_t>& experts, at::Tensor& y) {
-  const int64_t D = x.size(1), O = w.size(1);
+  const int64_t D = x.size(1), O = w.size(1), count = static_cast<int64_t>(experts.size());
   const int64_t tasks_per_expert = (O + kRowsPerTask - 1) / kRowsPerTask;
   const auto* xp = x.const_data_ptr<c10::BFloat16>();
   const auto* wp = w.const_data_ptr<c10::BFloat16>();
   auto* yp = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, static_cast<int64_t>(experts.size()) * tasks_per_expert, 1, [&](int64_t a, int64_t b) {
+  std::vector<SkinnyRows> batches;
+  for (int64_t e : experts) {
+    std::vector<const c10::BFloat16*> rows;
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) rows.push_back(xp + r * x.stride(0));
+    batches.emplace_back(rows.data(), static_cast<int64_t>(rows.size()), D);
+  }
+  at::parallel_for(0, count * tasks_per_expert, 1, [&](int64_t a, int64_t b) {
     std::vector<float> out(kSkinnyMaxRows * kRowsPerTask);
-    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
     for (int64_t task = a; task < b; ++task) {
-      const int64_t e = experts[task / tasks_per_expert];
+      const int64_t i = task / tasks_per_expert, e = experts[i];
       const int64_t o0 = (task % tasks_per_expert) * kRowsPerTask, o1 = std::min(O, o0 + kRowsPerTask);
       const int64_t first = offsets[e], M = offsets[e + 1] - first;
-      for (int64_t m = 0; m < M; ++m) rows[m] = xp + (first + m) * x.stride(0);
-      skinny_gemm_bf16(wp + e * w.stride(0), w.stride(1), D, o0, o1, rows.data(), M, out.data(), kRowsPerTask);
+      skinny_gemm_bf16(wp + e * w.stride(0), w.stride(1), D, o0, o1, batches[i], out.data(), kRowsPerTask);
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t o = o0; o < o1; ++o) yp[(first + m) * O + o] = vm::narrow<c10::BFloat16>(out[m * kRowsPerTask + o - o0]);
       }

@@ -40,6 +40,4 @@ const std::string& isa_name() {
   return name;
 }
 
-bool has_avx512_bf16() { return level() == 3; }
-
 }  // namespace finteam::cpu

@@ -55,13 +55,6 @@ Shapes check_shapes(const at::Tensor& x_TH, const at::Tensor& weights_TK, const 
 
 at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-// Rows of `x` (token order) that expert rows [first, first + M) read, without copying them.
-void token_rows(const at::Tensor& x, const int32_t* row_to_slot, int64_t K, int64_t first, int64_t M,
-                const c10::BFloat16** rows) {
-  const auto* base = x.const_data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < M; ++m) rows[m] = base + (row_to_slot[first + m] / K) * x.stride(0);
-}
-
 // The weight-streaming forward of the experts in `experts` (each with at most kSkinnyMaxRows
 // rows): writes y_NH rows, and h_N2I rows when h_N2I has any.
 void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Shapes& s, const at::Tensor& w_gate_up,
@@ -77,19 +70,27 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
   const bool keep_h = h_N2I.size(0) > 0;
   auto* h = keep_h ? h_N2I.data_ptr<c10::BFloat16>() : nullptr;
 
+  // Each expert's batch: its tokens' rows of x, read in place (no gather).
+  std::vector<SkinnyRows> tokens;
+  const auto* xp = x.const_data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t first = offsets[experts[i]], M = act_row[i + 1] - act_row[i];
+    std::vector<const c10::BFloat16*> rows(M);
+    for (int64_t m = 0; m < M; ++m) rows[m] = xp + (row_to_slot[first + m] / s.K) * x.stride(0);
+    tokens.emplace_back(rows.data(), M, H);
+  }
+
   const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   at::parallel_for(0, count * gate_tasks, 1, [&](int64_t a, int64_t b) {
     constexpr int64_t B = kGateRowsPerTask;
     std::vector<float> gate(kSkinnyMaxRows * B), up(kSkinnyMaxRows * B), out(B);
-    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
     for (int64_t task = a; task < b; ++task) {
       const int64_t i = task / gate_tasks, e = experts[i];
       const int64_t i0 = (task % gate_tasks) * B, i1 = std::min(I, i0 + B), n = i1 - i0;
       const int64_t first = offsets[e], M = offsets[e + 1] - first;
-      token_rows(x, row_to_slot, s.K, first, M, rows.data());
       const c10::BFloat16* w = wgu + e * w_gate_up.stride(0);
-      skinny_gemm_bf16(w, H, H, i0, i1, rows.data(), M, gate.data(), B);
-      skinny_gemm_bf16(w, H, H, I + i0, I + i1, rows.data(), M, up.data(), B);
+      skinny_gemm_bf16(w, H, H, i0, i1, tokens[i], gate.data(), B);
+      skinny_gemm_bf16(w, H, H, I + i0, I + i1, tokens[i], up.data(), B);
       for (int64_t m = 0; m < M; ++m) {
         glu_f32(gate.data() + m * B, up.data() + m * B, n, act, out.data());
         c10::BFloat16* a_row = act_data + (act_row[i] + m) * I + i0;
@@ -105,18 +106,24 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
     }
   });
 
+  // Then its activations, the batch of the down projection.
+  std::vector<SkinnyRows> activations;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t M = act_row[i + 1] - act_row[i];
+    std::vector<const c10::BFloat16*> rows(M);
+    for (int64_t m = 0; m < M; ++m) rows[m] = act_data + (act_row[i] + m) * I;
+    activations.emplace_back(rows.data(), M, I);
+  }
   const int64_t down_tasks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   auto* y = y_NH.data_ptr<c10::BFloat16>();
   at::parallel_for(0, count * down_tasks, 1, [&](int64_t a, int64_t b) {
     constexpr int64_t B = kDownRowsPerTask;
     std::vector<float> out(kSkinnyMaxRows * B);
-    std::vector<const c10::BFloat16*> rows(kSkinnyMaxRows);
     for (int64_t task = a; task < b; ++task) {
       const int64_t i = task / down_tasks, e = experts[i];
       const int64_t h0 = (task % down_tasks) * B, h1 = std::min(H, h0 + B);
       const int64_t first = offsets[e], M = offsets[e + 1] - first;
-      for (int64_t m = 0; m < M; ++m) rows[m] = act_data + (act_row[i] + m) * I;
-      skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, rows.data(), M, out.data(), B);
+      skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), B);
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t k = h0; k < h1; ++k) y[(first + m) * H + k] = vm::narrow<c10::BFloat16>(out[m * B + k - h0]);
       }
