@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -47,6 +48,18 @@ const std::string& isa_name();
 // Rows handed to one thread at a time: big enough to amortise the fork, small enough to balance.
 inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {
   return std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
+}
+
+// Runs body(task) for every task in [0, n) on the intra-op threads, each thread taking the next
+// task as it finishes one (`setup()` makes its scratch first): on a shared machine a thread that
+// is descheduled delays one task, not a fixed half of them.
+template <typename Setup, typename Body>
+void parallel_tasks(int64_t n, const Setup& setup, const Body& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto scratch = setup();
+    for (int64_t task = next++; task < n; task = next++) body(task, scratch);
+  });
 }
 
 // A tensor whose innermost dimension is dense (row strides are kept, so a view with a huge row

@@ -81,30 +81,34 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
   }
 
   const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
-  at::parallel_for(0, count * gate_tasks, 1, [&](int64_t a, int64_t b) {
-    constexpr int64_t B = kGateRowsPerTask;
-    std::vector<float> gate(kSkinnyMaxRows * B), up(kSkinnyMaxRows * B), out(B);
-    for (int64_t task = a; task < b; ++task) {
-      const int64_t i = task / gate_tasks, e = experts[i];
-      const int64_t i0 = (task % gate_tasks) * B, i1 = std::min(I, i0 + B), n = i1 - i0;
-      const int64_t first = offsets[e], M = offsets[e + 1] - first;
-      const c10::BFloat16* w = wgu + e * w_gate_up.stride(0);
-      skinny_gemm_bf16(w, H, H, i0, i1, tokens[i], gate.data(), B);
-      skinny_gemm_bf16(w, H, H, I + i0, I + i1, tokens[i], up.data(), B);
-      for (int64_t m = 0; m < M; ++m) {
-        glu_f32(gate.data() + m * B, up.data() + m * B, n, act, out.data());
-        c10::BFloat16* a_row = act_data + (act_row[i] + m) * I + i0;
-        for (int64_t k = 0; k < n; ++k) a_row[k] = vm::narrow<c10::BFloat16>(out[k]);
-        if (keep_h) {
-          c10::BFloat16* h_row = h + (first + m) * 2 * I;
-          for (int64_t k = 0; k < n; ++k) {
-            h_row[i0 + k] = vm::narrow<c10::BFloat16>(gate[m * B + k]);
-            h_row[I + i0 + k] = vm::narrow<c10::BFloat16>(up[m * B + k]);
+  constexpr int64_t B = kGateRowsPerTask;
+  struct GateScratch {
+    std::vector<float> gate, up, out;
+  };
+  parallel_tasks(
+      count * gate_tasks,
+      [] { return GateScratch{std::vector<float>(kSkinnyMaxRows * B), std::vector<float>(kSkinnyMaxRows * B),
+                              std::vector<float>(B)}; },
+      [&](int64_t task, GateScratch& sc) {
+        const int64_t i = task / gate_tasks, e = experts[i];
+        const int64_t i0 = (task % gate_tasks) * B, i1 = std::min(I, i0 + B), n = i1 - i0;
+        const int64_t first = offsets[e], M = offsets[e + 1] - first;
+        const c10::BFloat16* w = wgu + e * w_gate_up.stride(0);
+        skinny_gemm_bf16(w, H, H, i0, i1, tokens[i], sc.gate.data(), B);
+        skinny_gemm_bf16(w, H, H, I + i0, I + i1, tokens[i], sc.up.data(), B);
+        for (int64_t m = 0; m < M; ++m) {
+          glu_f32(sc.gate.data() + m * B, sc.up.data() + m * B, n, act, sc.out.data());
+          c10::BFloat16* a_row = act_data + (act_row[i] + m) * I + i0;
+          for (int64_t k = 0; k < n; ++k) a_row[k] = vm::narrow<c10::BFloat16>(sc.out[k]);
+          if (keep_h) {
+            c10::BFloat16* h_row = h + (first + m) * 2 * I;
+            for (int64_t k = 0; k < n; ++k) {
+              h_row[i0 + k] = vm::narrow<c10::BFloat16>(sc.gate[m * B + k]);
+              h_row[I + i0 + k] = vm::narrow<c10::BFloat16>(sc.up[m * B + k]);
+            }
           }
         }
-      }
-    }
-  });
+      });
 
   // Then its activations, the batch of the down projection.
   std::vector<SkinnyRows> activations;
@@ -116,19 +120,19 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
   }
   const int64_t down_tasks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   auto* y = y_NH.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, count * down_tasks, 1, [&](int64_t a, int64_t b) {
-    constexpr int64_t B = kDownRowsPerTask;
-    std::vector<float> out(kSkinnyMaxRows * B);
-    for (int64_t task = a; task < b; ++task) {
-      const int64_t i = task / down_tasks, e = experts[i];
-      const int64_t h0 = (task % down_tasks) * B, h1 = std::min(H, h0 + B);
-      const int64_t first = offsets[e], M = offsets[e + 1] - first;
-      skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), B);
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t k = h0; k < h1; ++k) y[(first + m) * H + k] = vm::narrow<c10::BFloat16>(out[m * B + k - h0]);
-      }
-    }
-  });
+  parallel_tasks(
+      count * down_tasks, [] { return std::vector<float>(kSkinnyMaxRows * kDownRowsPerTask); },
+      [&](int64_t task, std::vector<float>& out) {
+        const int64_t i = task / down_tasks, e = experts[i];
+        const int64_t h0 = (task % down_tasks) * kDownRowsPerTask, h1 = std::min(H, h0 + kDownRowsPerTask);
+        const int64_t first = offsets[e], M = offsets[e + 1] - first;
+        skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), kDownRowsPerTask);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t k = h0; k < h1; ++k) {
+            y[(first + m) * H + k] = vm::narrow<c10::BFloat16>(out[m * kDownRowsPerTask + k - h0]);
+          }
+        }
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_fwd(
