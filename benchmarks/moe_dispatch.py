@@ -194,19 +194,20 @@ def timed_function(calls: list[providers.Call], mode: str):
                 return call.fn()
 
         return harness.cycle([lambda c=c: forward(c) for c in calls])
-    grad_outs = []
-    for call in calls:
-        out = call.fn()
-        grad_outs.append(harness.random_tensor(tuple(out.shape), out.device, out.dtype))
     if mode == "forward+backward":
-        return harness.cycle([
-            lambda c=c, g=g: torch.autograd.grad(c.fn(), c.grad_inputs, g) for c, g in zip(calls, grad_outs)
-        ])
+        with torch.no_grad():  # the copies are clones: one output tells every gradient's shape
+            grad = _grad_like(calls[0].fn())
+        return harness.cycle([lambda c=c: torch.autograd.grad(c.fn(), c.grad_inputs, grad) for c in calls])
     outs = [c.fn() for c in calls]  # backward alone: one retained graph per copy
+    grad = _grad_like(outs[0])
     return harness.cycle([
-        lambda c=c, o=o, g=g: torch.autograd.grad(o, c.grad_inputs, g, retain_graph=True)
-        for c, o, g in zip(calls, outs, grad_outs)
+        lambda c=c, o=o: torch.autograd.grad(o, c.grad_inputs, grad, retain_graph=True) for c, o in zip(calls, outs)
     ])
+
+
+def _grad_like(out: torch.Tensor) -> torch.Tensor:
+    """A random incoming gradient (a real tensor: some peers reject stride-0 ones)."""
+    return harness.random_tensor(tuple(out.shape), out.device, out.dtype)
 
 
 def run_cell(provider, op, mode, copies, device, quick, memory) -> harness.Stats:

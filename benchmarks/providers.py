@@ -218,10 +218,11 @@ def _hf_builders(implementation: str) -> dict[str, Builder]:
 
 def _hf_eager_extra_bytes(op: str, mode: str, s: MoEShape, experts_hit: int, itemsize: int) -> float:
     """transformers' eager experts index the weights once per expert hit, and the backward of
-    each index writes a gradient the size of all E experts' weights (zeros but one slice)."""
+    each index makes a gradient the size of all E experts' weights (zeros but one slice) that
+    autograd then adds into the total: about four full-size passes per expert hit."""
     if mode == "forward" or op not in ("moe_experts", "layer"):
         return 0.0
-    return float(experts_hit * s.num_experts * s.expert_bytes(itemsize))
+    return 4.0 * experts_hit * s.num_experts * s.expert_bytes(itemsize)
 
 
 def _hf_unusable(implementation: str) -> Callable[[str, torch.device], str | None]:

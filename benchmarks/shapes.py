@@ -80,7 +80,7 @@ MODES = ("forward", "backward", "forward+backward")
 INFERENCE_TOKENS = (1, 4, 16, 64, 256, 1024, 1536, 4096)
 TRAINING_TOKENS = (4096, 8192, 16384, 32768)
 QUICK_INFERENCE_TOKENS = (1, 16, 256, 1024)
-QUICK_TRAINING_TOKENS = (512,)
+QUICK_TRAINING_TOKENS = (256,)
 
 
 def shapes(quick: bool) -> dict[str, MoEShape]:
