@@ -542,10 +542,14 @@ def main(argv=None) -> int:
         memory=not args.no_memory,
     )
     env = harness.environment(device, packages=("megablocks", "grouped_gemm", "scattermoe", "vllm", "liger_kernel"))
-    print(f"{env['device_name']} ({device.type}), torch {torch.__version__}, {'quick' if quick else 'full'} shapes, {args.dtype}", flush=True)
+    header = (
+        f"{env['device_name']} ({device.type}, {env['cpu_threads']} threads), torch {torch.__version__}, "
+        f"commit {env['git_commit']}, {env['date']}, {'quick' if quick else 'full'} shapes, {args.dtype}"
+    )
     load, cores = env["load_average"], os.cpu_count() or 1
     if load is not None and load > cores:
-        print(f"warning: load average {load:.1f} on {cores} cores: other work shares this machine, timings are unreliable", flush=True)
+        header += f"\nwarning: load average {load:.1f} on {cores} cores: other work shares this machine, timings are unreliable"
+    print(header, flush=True)
     roof = harness.ceilings(device, quick=quick, stream_bytes=args.ceiling_mib and args.ceiling_mib << 20)
     rows, skipped = run(plan, roof, log=lambda line: print(line, file=sys.stderr, flush=True))
     on_gpu = device.type == "cuda"
@@ -554,6 +558,7 @@ def main(argv=None) -> int:
     wall_s = time.perf_counter() - start
     report += f"\n\nwall time {wall_s:.0f} s"
     print(report)
+    report = header + "\n" + report
 
     out = args.out or harness.default_out_dir(device)
     settings = {k: (sorted(v) if isinstance(v, set) else v) for k, v in dataclasses.asdict(plan).items() if k != "shapes"}
@@ -567,7 +572,8 @@ def main(argv=None) -> int:
     written.append(out / "moe_dispatch.txt")
     if not args.no_plot:
         title = f"{env['device_name']}, {'quick' if quick else 'full'} shapes, {args.dtype}"
-        png = harness.plot_time_vs_tokens(rows, out / "moe_dispatch.png", title)
+        uniform = [r for r in rows if r["routing"] == "uniform"]  # one line per provider: same routing throughout
+        png = harness.plot_time_vs_tokens(uniform, out / "moe_dispatch.png", title)
         if png is not None:
             written.append(png)
     print("wrote " + ", ".join(str(p) for p in written))
