@@ -260,7 +260,7 @@ def free_memory(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 64) -> int:
+def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 512) -> int:
     """How many copies of the inputs to rotate through so that together they span twice the
     last-level cache: each call then reads its operands from memory, as a model's layers do."""
     if nbytes_per_set <= 0:

@@ -14,6 +14,8 @@ forward), forward+backward. Each row gives the median time with p20-p80, the ach
 and TFLOP/s from the byte and FLOP counts below, the fraction of the roof (the larger of
 bytes / measured bandwidth and FLOPs / measured matmul rate, over the time), the speed-up over
 the reference and over the fastest peer in the same cell, and the peak memory of one call.
+Inputs rotate through enough copies to span twice the last-level cache (within a memory
+budget); a roof fraction above 100% says the data stayed in cache all the same.
 Writes <out>/moe_dispatch.json (environment, ceilings, rows, skipped providers, targets),
 moe_dispatch.txt (the table) and moe_dispatch.png (time against tokens).
 """
