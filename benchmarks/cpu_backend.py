@@ -17,7 +17,11 @@ Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N =
    renormalise) and weighted unpermute >= 3x, dispatch plan >= 2x, permute (bf16) >= 1x.
 Ours is timed through the public op (argument checks and custom-op dispatch included).
 
-    python benchmarks/cpu_backend.py [--full] [--out DIR]
+    python benchmarks/cpu_backend.py [--full] [--threads N] [--out DIR]
+
+The machine's load is printed before and after (load average, and the share of the last 10 s in
+which a runnable task waited for a CPU): on a shared machine any other busy process makes a
+2-thread parallel region wait for a descheduled thread, so compare numbers taken at low load.
 """
 from __future__ import annotations
 
@@ -148,25 +152,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_pressure() -> float | None:
+    """Percent of the last 10 s in which some runnable task waited for a CPU (Linux PSI)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load() -> dict:
+    return {"load_average": os.getloadavg()[0], "cpu_pressure_avg10": cpu_pressure()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="longer measurements (the quick default takes a few minutes)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<cpu>-<date>/)")
     args = parser.parse_args()
     quick = not args.full
+    if args.threads:
+        torch.set_num_threads(args.threads)
     problem = _ext.load("cpu")
     if problem is not None:
         sys.exit(f"the compiled CPU backend is not usable here: {problem}")
     env = harness.environment("cpu", packages=("transformers",))
-    load_before = os.getloadavg()[0]
+    before = load()
     rate = harness.ceilings("cpu", quick=quick)
     rows = expert_rows(quick, rate) + op_rows(quick)
-    load_after = os.getloadavg()[0]
+    after = load()
     payload = {"environment": env, "cpu_capability": torch.ops.finteam.cpu_capability(), "ceilings": rate,
-               "load_average": {"before": load_before, "after": load_after}, "rows": rows}
+               "load": {"before": before, "after": after}, "rows": rows}
     path = harness.write_results(args.out or harness.default_out_dir("cpu"), "cpu_backend", payload)
     print(f"{env['cpu']}, {torch.get_num_threads()} threads, kernels at {payload['cpu_capability']}; "
-          f"torch {torch.__version__}; load average {load_before:.2f} before, {load_after:.2f} after")
+          f"torch {torch.__version__}")
+    print(f"machine load before/after: load average {before['load_average']:.2f}/{after['load_average']:.2f}, "
+          f"cpu pressure (avg10) {before['cpu_pressure_avg10']}%/{after['cpu_pressure_avg10']}%")
     print(f"ceilings: weight streaming (bf16 gemv) {rate['gemv_gbs']:.1f} GB/s, copy {rate['copy_gbs']:.1f} GB/s, "
           f"bf16 GEMM {rate['matmul_tflops']:.2f} TFLOP/s")
     print(table(rows))
