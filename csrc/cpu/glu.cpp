@@ -24,18 +24,18 @@ FINTEAM_SIMD void glu_f32_kernel(const float* gate, const float* up, int64_t n, 
 }
 
 template <Activation A, typename scalar_t>
-FINTEAM_SIMD void glu_rows_kernel(const scalar_t* h, int64_t stride_h, int64_t I, int64_t r0, int64_t r1,
-                                  scalar_t* out) {
+FINTEAM_SIMD void glu_rows_kernel(const scalar_t* gate, int64_t stride_g, const scalar_t* up, int64_t stride_u,
+                                  int64_t cols, int64_t r0, int64_t r1, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* gate = h + r * stride_h;
-    const scalar_t* up = gate + I;
-    scalar_t* o = out + r * I;
+    const scalar_t* g = gate + r * stride_g;
+    const scalar_t* u = up + r * stride_u;
+    scalar_t* o = out + r * cols;
 #pragma omp simd
-    for (int64_t i = 0; i < I; ++i) {
+    for (int64_t c = 0; c < cols; ++c) {
       acc_t f, df;
-      activation<A>(static_cast<acc_t>(vm::widen(gate[i])), f, df);
-      o[i] = vm::narrow<scalar_t>(f * static_cast<acc_t>(vm::widen(up[i])));
+      activation<A>(static_cast<acc_t>(vm::widen(g[c])), f, df);
+      o[c] = vm::narrow<scalar_t>(f * static_cast<acc_t>(vm::widen(u[c])));
     }
   }
 }
@@ -46,14 +46,15 @@ void glu_f32(const float* gate, const float* up, int64_t n, Activation act, floa
   with_activation(act, [&]<Activation A>() { glu_f32_kernel<A>(gate, up, n, out); });
 }
 
-void glu_rows(const at::Tensor& h_n2I, Activation act, at::Tensor& out_nI) {
-  const int64_t n = h_n2I.size(0), I = out_nI.size(1);
-  if (n == 0 || I == 0) return;
-  const at::Tensor h = rows_dense(h_n2I);
-  FINTEAM_DISPATCH_FLOATS(h.scalar_type(), "glu_rows", [&] {
+void glu(const at::Tensor& gate_in, const at::Tensor& up_in, Activation act, at::Tensor& out) {
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (rows == 0 || cols == 0) return;
+  const at::Tensor gate = rows_dense(gate_in), up = rows_dense(up_in);
+  FINTEAM_DISPATCH_FLOATS(out.scalar_type(), "glu", [&] {
     with_activation(act, [&]<Activation A>() {
-      at::parallel_for(0, n, grain(8 * I), [&](int64_t r0, int64_t r1) {
-        glu_rows_kernel<A, scalar_t>(h.const_data_ptr<scalar_t>(), h.stride(0), I, r0, r1, out_nI.data_ptr<scalar_t>());
+      at::parallel_for(0, rows, grain(8 * cols), [&](int64_t r0, int64_t r1) {
+        glu_rows_kernel<A, scalar_t>(gate.const_data_ptr<scalar_t>(), gate.stride(0), up.const_data_ptr<scalar_t>(),
+                                     up.stride(0), cols, r0, r1, out.data_ptr<scalar_t>());
       });
     });
   });

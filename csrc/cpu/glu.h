@@ -45,8 +45,9 @@ inline void with_activation(Activation act, Fn&& fn) {
 // out[i] = f(gate[i]) * up[i] for i < n, in fp32.
 void glu_f32(const float* gate, const float* up, int64_t n, Activation act, float* out);
 
-// out_nI[r] = f(h_n2I[r, :I]) * h_n2I[r, I:] for every row, computed in fp32 and rounded once;
-// parallel over rows. h rows may be strided; out is contiguous.
-void glu_rows(const at::Tensor& h_n2I, Activation act, at::Tensor& out_nI);
+// out[r, c] = f(gate[r, c]) * up[r, c], computed in fp32 and rounded once; parallel over rows.
+// gate and up are 2-D views with dense rows: h[:, :I] and h[:, I:] of h_N2I, or the two halves
+// of its transpose. out is contiguous.
+void glu(const at::Tensor& gate, const at::Tensor& up, Activation act, at::Tensor& out);
 
 }  // namespace finteam::cpu
