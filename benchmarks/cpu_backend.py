@@ -16,6 +16,8 @@ Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N =
    when the previous op of the layer just wrote them: gating (fp32 logits, softmax, top-2,
    renormalise) and weighted unpermute >= 3x, dispatch plan >= 2x, permute (bf16) >= 1x.
 Ours is timed through the public op (argument checks and custom-op dispatch included).
+Providers of one case are timed interleaved (one call of each per round, the order rotating), so
+that a drift in the machine's memory bandwidth or load while the case runs hits them alike.
 
     python benchmarks/cpu_backend.py [--full] [--threads N] [--out DIR]
 
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -67,6 +71,29 @@ def _transformers_experts(implementation: str, w_gate_up_E2IH: torch.Tensor, w_d
     return module
 
 
+def interleaved(fns: dict, quick: bool) -> dict[str, harness.Stats]:
+    """Per provider, the wall-clock Stats of its calls, timed in rounds of one call each."""
+    budget_s = 3.0 if quick else 15.0
+    for fn in fns.values():  # warm-up: first-call allocations and primitive creation
+        fn()
+        fn()
+    names = list(fns)
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 400):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            t0 = time.perf_counter_ns()
+            fns[name]()
+            times[name].append((time.perf_counter_ns() - t0) / 1e6)
+        rounds += 1
+    stats = {}
+    for name, ms in times.items():
+        q = statistics.quantiles(ms, n=10, method="inclusive")
+        stats[name] = harness.Stats(statistics.median(ms), q[1], q[7], len(ms), "wall-clock, interleaved")
+    return stats
+
+
 def expert_rows(quick: bool, rate: dict) -> list[dict]:
     weight_bytes = E * 3 * I * H * 2
     copies = harness.rotation_copies(weight_bytes, "cpu")
@@ -90,16 +117,14 @@ def expert_rows(quick: bool, rate: dict) -> list[dict]:
         else:
             ceiling, unit = harness.matmul_rate(T * K, 3 * I, H, "cpu", quick=quick), "TFLOP/s"
             achieved = lambda ms: harness.tflops(flops, ms)  # noqa: E731
-        times = {}
         with torch.inference_mode():
-            for name, fns in providers.items():
-                stats = harness.measure(harness.cycle([lambda f=f: f(x_TH, ids_TK, weights_TK) for f in fns]), "cpu",
-                                        quick=quick, memory=False)
-                times[name] = stats
-                rows.append({"section": "experts", "case": f"T={T}", "tokens": T, "provider": name, **stats.to_dict(),
-                             "rate": achieved(stats.median_ms), "unit": unit, "ceiling": ceiling,
-                             "fraction_of_ceiling": achieved(stats.median_ms) / ceiling, "experts_hit": hit,
-                             "weight_copies": copies})
+            times = interleaved({name: harness.cycle([lambda f=f: f(x_TH, ids_TK, weights_TK) for f in fns])
+                                 for name, fns in providers.items()}, quick)
+        for name, stats in times.items():
+            rows.append({"section": "experts", "case": f"T={T}", "tokens": T, "provider": name, **stats.to_dict(),
+                         "rate": achieved(stats.median_ms), "unit": unit, "ceiling": ceiling,
+                         "fraction_of_ceiling": achieved(stats.median_ms) / ceiling, "experts_hit": hit,
+                         "weight_copies": copies})
         best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: times[n].median_ms)
         ratio = times[best].median_ms / times["cpu"].median_ms
         rows.append({"section": "experts", "case": f"T={T}", "provider": "cpu vs best transformers",
@@ -128,8 +153,8 @@ def op_rows(quick: bool) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for case, (ref_fn, ours_fn) in cases.items():
-            ref = harness.measure(ref_fn, "cpu", quick=quick, memory=False)
-            ours = harness.measure(ours_fn, "cpu", quick=quick, memory=False)
+            stats = interleaved({"reference": ref_fn, "cpu": ours_fn}, quick)
+            ref, ours = stats["reference"], stats["cpu"]
             rows.append({"section": "ops", "case": case, "provider": "reference", **ref.to_dict()})
             rows.append({"section": "ops", "case": case, "provider": "cpu", **ours.to_dict()})
             ratio = ref.median_ms / ours.median_ms

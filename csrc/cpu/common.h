@@ -31,7 +31,17 @@
 #define FINTEAM_INLINE inline
 #endif
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__ELF__) && !defined(FINTEAM_NO_CLONES)
+// Clones by ISA level ("arch=x86-64-v4") and the AVX512-BF16/AMX intrinsics need GCC 11 or
+// clang 14; older compilers build the portable code only.
+#if defined(__clang__)
+#define FINTEAM_NEW_COMPILER (__clang_major__ >= 14)
+#elif defined(__GNUC__)
+#define FINTEAM_NEW_COMPILER (__GNUC__ >= 11)
+#else
+#define FINTEAM_NEW_COMPILER 0
+#endif
+
+#if FINTEAM_NEW_COMPILER && defined(__x86_64__) && defined(__ELF__) && !defined(FINTEAM_NO_CLONES)
 #define FINTEAM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define FINTEAM_X86 1
 #else

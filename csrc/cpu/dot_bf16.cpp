@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "dot_amx.h"
 #include "vmath.h"
 
 #if FINTEAM_X86
@@ -149,10 +150,11 @@ const char* streaming_kernel() {
   static const char* kernel = [] {
     const std::string& isa = isa_name();
     const bool dot = isa == "avx512_bf16", fma = dot || isa == "avx512";
-    // FINTEAM_CPU_STREAMING picks either kernel this CPU can run (to test both anywhere).
-    const char* wanted = std::getenv("FINTEAM_CPU_STREAMING");
-    if (wanted != nullptr && std::string(wanted) == "vdpbf16ps" && dot) return "vdpbf16ps";
-    if (wanted != nullptr && std::string(wanted) == "fma" && fma) return "fma";
+    // FINTEAM_CPU_STREAMING picks any kernel this CPU can run (to test each of them anywhere).
+    const std::string wanted = std::getenv("FINTEAM_CPU_STREAMING") ? std::getenv("FINTEAM_CPU_STREAMING") : "";
+    if (wanted == "vdpbf16ps" && dot) return "vdpbf16ps";
+    if (wanted == "fma" && fma) return "fma";
+    if (fma && amx::available()) return "amx";
     if (dot && !has_amx_bf16()) return "vdpbf16ps";
     return fma ? "fma" : "";
   }();
@@ -168,14 +170,17 @@ const char* streaming_kernel() { return ""; }
 SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D)
     : M_(M), stride_((D + 31) / 32 * 32), rows_(rows, rows + M) {
   TORCH_CHECK(M <= kSkinnyMaxRows, "SkinnyRows: at most ", kSkinnyMaxRows, " rows; got ", M);
-  if (std::string(streaming_kernel()) != "fma") return;
+  const std::string kernel = streaming_kernel();
+  const auto* const* src = reinterpret_cast<const uint16_t* const*>(rows);
+  if (kernel == "amx" && D % 32 == 0) tiles_ = amx::pack(src, M, D);
+  if (kernel != "fma" && kernel != "amx") return;
+  // The fma kernel's layout: the amx kernel needs it too, for rows that do not fill a tile.
   wide_.assign(M * stride_, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    const auto* src = reinterpret_cast<const uint16_t*>(rows[m]);
     float* dst = wide_.data() + m * stride_;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t block = d / 32 * 32, lane = d % 32;
-      dst[block + (lane % 2) * 16 + lane / 2] = vm::from_bits(static_cast<uint32_t>(src[d]) << 16);
+      dst[block + (lane % 2) * 16 + lane / 2] = vm::from_bits(static_cast<uint32_t>(src[m][d]) << 16);
     }
   }
 }
@@ -186,12 +191,18 @@ void skinny_gemm_bf16(const c10::BFloat16* w_in, int64_t ldw, int64_t D, int64_t
   const auto* w = reinterpret_cast<const uint16_t*>(w_in);
   const std::string kernel = streaming_kernel();
   TORCH_CHECK(!kernel.empty(), "skinny_gemm_bf16 needs AVX-512");
-  if (kernel == "fma") {
-    stream<FmaTile>(w, ldw, D, o0, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out, ldo);
-  } else {
+  if (kernel == "vdpbf16ps") {
     const auto* const* rows = reinterpret_cast<const uint16_t* const*>(x.rows_.data());
     stream<DotTile>(w, ldw, D, o0, o1, rows, nullptr, 0, x.M_, out, ldo);
+    return;
   }
+  int64_t o = o0;
+  if (!x.tiles_.empty()) {
+    const int64_t blocks = (o1 - o0) / 16;
+    amx::stream(w, ldw, D, o0, blocks, x.tiles_.data(), x.M_, out, ldo);
+    o += blocks * 16;
+  }
+  stream<FmaTile>(w, ldw, D, o, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out + (o - o0), ldo);
 #else
   TORCH_CHECK(false, "skinny_gemm_bf16 needs an x86-64 CPU with AVX-512");
 #endif

@@ -14,11 +14,12 @@ namespace finteam::cpu {
 constexpr int64_t kSkinnyMaxRows = 32;
 
 // The kernel that streams bf16 weights here, chosen once when the library loads:
-//   "vdpbf16ps"  AVX512-BF16 dot products
-//   "fma"        AVX-512 FMAs on weights widened to fp32: CPUs without AVX512-BF16, and those
-//                with AMX, whose vdpbf16ps runs at a fraction of their FMA rate
+//   "amx"        AMX-BF16 tiles (dot_amx.h), where the CPU has them and the OS grants them
+//   "vdpbf16ps"  AVX512-BF16 dot products (AVX512-BF16 CPUs without AMX, e.g. AMD Zen 4/5)
+//   "fma"        AVX-512 FMAs on weights widened to fp32: AVX-512 CPUs without AVX512-BF16,
+//                and AMX CPUs where the tiles are not granted (their vdpbf16ps is slow)
 //   ""           none (no AVX-512): callers use ATen's GEMM instead
-// FINTEAM_CPU_STREAMING=vdpbf16ps|fma picks either one the CPU can run (to test both).
+// FINTEAM_CPU_STREAMING=vdpbf16ps|fma picks another kernel the CPU can run (to test each).
 const char* streaming_kernel();
 inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 
@@ -30,7 +31,8 @@ void skinny_gemm_bf16(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0
                       float* out, int64_t ldo);
 
 // The batch rows of one expert (at most kSkinnyMaxRows, each D wide), prepared once for every
-// weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma one.
+// weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma one,
+// packed into tiles for the amx one.
 class SkinnyRows {
  public:
   SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D);
@@ -42,6 +44,7 @@ class SkinnyRows {
   int64_t M_, stride_;
   std::vector<const c10::BFloat16*> rows_;
   std::vector<float> wide_;  // M rows of `stride_` floats: each 32-block as its 16 even, then 16 odd elements
+  std::vector<uint16_t> tiles_;  // amx::pack's layout (when D is a multiple of 32)
 };
 
 }  // namespace finteam::cpu

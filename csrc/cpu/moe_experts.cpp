@@ -157,22 +157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     }
     auto x_rows = at::empty({M, s.H}, x.options());
     gather_rows(x, row_to_slot, s.K, first, first + M, x_rows);
+    auto h = needs_grad ? h_N2I.narrow(0, first, M) : at::empty({M, 2 * s.I}, x.options());
+    at::mm_out(h, x_rows, w_gate_up[e].t());
+    auto a = at::empty({M, s.I}, x.options());
+    glu(h.narrow(1, 0, s.I), h.narrow(1, s.I, s.I), act, a);
     auto y = y_NH.narrow(0, first, M);
-    if (needs_grad) {
-      // h is kept in its [N, 2I] layout for the backward: the GEMMs produce rows.
-      auto h = h_N2I.narrow(0, first, M);
-      at::mm_out(h, x_rows, w_gate_up[e].t());
-      auto a = at::empty({M, s.I}, x.options());
-      glu(h.narrow(1, 0, s.I), h.narrow(1, s.I, s.I), act, a);
-      at::mm_out(y, a, w_down[e].t());
-    } else {
-      // The weights as the GEMMs' first operand (h^T = W x^T), read in their stored layout: on a
-      // Xeon with AMX oneDNN ran these 10-30% faster than x W^T. Only y is transposed back.
-      const auto hT = at::mm(w_gate_up[e], x_rows.t());
-      auto aT = at::empty({s.I, M}, x.options());
-      glu(hT.narrow(0, 0, s.I), hT.narrow(0, s.I, s.I), act, aT);
-      y.copy_(at::mm(w_down[e], aT).t());
-    }
+    at::mm_out(y, a, w_down[e].t());
   }
   if (!streamed.empty()) streaming_forward(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
