@@ -84,9 +84,11 @@ def has_kernel(kind: str, name: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, _DISPATCH_KEYS[kind]))
 
 
+@functools.cache
 def why_missing(kind: str, op: str) -> str | None:
     """None when the `kind` library implements `op` (its `<op>_fwd` launcher, or `op` itself),
-    else the reason it cannot run it."""
+    else the reason it cannot run it. Asked on every op call, so cached: after `load(kind)` the
+    answer cannot change."""
     reason = load(kind)
     if reason is not None:
         return reason

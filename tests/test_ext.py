@@ -236,6 +236,7 @@ def test_no_extension_gives_one_warning_naming_the_cause(case, cause, tmp_path, 
     monkeypatch.setattr(_ext, "_HERE", str(tmp_path))
     monkeypatch.setattr(_ext, "BUILD_INFO", str(tmp_path / "_build_info.json"))
     _ext.load.cache_clear()
+    _ext.why_missing.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -247,6 +248,7 @@ def test_no_extension_gives_one_warning_naming_the_cause(case, cause, tmp_path, 
             assert _backend.pick_backend(None, torch.device("cpu"), "permute") == "reference"
     finally:
         _ext.load.cache_clear()
+        _ext.why_missing.cache_clear()
     ours = [str(w.message) for w in caught if "finteam" in str(w.message)]
     assert len(ours) == 1, ours
     assert cause in ours[0]

@@ -57,10 +57,36 @@ FINTEAM_AMX_TARGET void configure(int64_t M) {
   _tile_loadconfig(&cfg);
 }
 
-// C^T tile (16 weight rows x M) into out[m][o].
-void scatter(const float* c, int64_t M, float* out, int64_t ldo) {
-  for (int r = 0; r < kRows; ++r) {
-    for (int64_t m = 0; m < M; ++m) out[m * ldo + r] = c[r * M + m];
+// C^T tile (16 weight rows x M) into out[m][o]; a full 16 x 16 tile is transposed in registers
+// (unpack 32-bit, shuffle 64-bit, then two 128-bit lane shuffles).
+__attribute__((target("avx512f"))) void scatter(const float* c, int64_t M, float* out, int64_t ldo) {
+  if (M != kRows) {
+    for (int r = 0; r < kRows; ++r) {
+      for (int64_t m = 0; m < M; ++m) out[m * ldo + r] = c[r * M + m];
+    }
+    return;
+  }
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(c + i * 16);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(out + i * ldo, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+    _mm512_storeu_ps(out + (i + 8) * ldo, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD));
   }
 }
 

@@ -167,14 +167,16 @@ const char* streaming_kernel() { return ""; }
 
 #endif
 
-SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D)
+int64_t skinny_max_rows() { return std::string(streaming_kernel()) == "amx" ? 1024 : 32; }
+
+SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles)
     : M_(M), stride_((D + 31) / 32 * 32), rows_(rows, rows + M) {
-  TORCH_CHECK(M <= kSkinnyMaxRows, "SkinnyRows: at most ", kSkinnyMaxRows, " rows; got ", M);
+  TORCH_CHECK(M <= skinny_max_rows(), "SkinnyRows: at most ", skinny_max_rows(), " rows; got ", M);
   const std::string kernel = streaming_kernel();
   const auto* const* src = reinterpret_cast<const uint16_t* const*>(rows);
-  if (kernel == "amx" && D % 32 == 0) tiles_ = amx::pack(src, M, D);
-  if (kernel != "fma" && kernel != "amx") return;
-  // The fma kernel's layout: the amx kernel needs it too, for rows that do not fill a tile.
+  const bool tiles = kernel == "amx" && D % 32 == 0;
+  if (tiles) tiles_ = amx::pack(src, M, D);
+  if (kernel != "fma" && !(kernel == "amx" && !(tiles && whole_tiles))) return;
   wide_.assign(M * stride_, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     float* dst = wide_.data() + m * stride_;
@@ -202,7 +204,10 @@ void skinny_gemm_bf16(const c10::BFloat16* w_in, int64_t ldw, int64_t D, int64_t
     amx::stream(w, ldw, D, o0, blocks, x.tiles_.data(), x.M_, out, ldo);
     o += blocks * 16;
   }
-  stream<FmaTile>(w, ldw, D, o, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out + (o - o0), ldo);
+  if (o < o1) {
+    TORCH_CHECK(!x.wide_.empty(), "skinny_gemm_bf16: rows left over from whole tiles, for a batch prepared without them");
+    stream<FmaTile>(w, ldw, D, o, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out + (o - o0), ldo);
+  }
 #else
   TORCH_CHECK(false, "skinny_gemm_bf16 needs an x86-64 CPU with AVX-512");
 #endif

@@ -9,10 +9,6 @@
 
 namespace finteam::cpu {
 
-// Rows per expert up to which streaming the weight through skinny_gemm_bf16 beats ATen's GEMM
-// (measured on the reference CPU; above it the GEMM's blocking wins).
-constexpr int64_t kSkinnyMaxRows = 32;
-
 // The kernel that streams bf16 weights here, chosen once when the library loads:
 //   "amx"        AMX-BF16 tiles (dot_amx.h), where the CPU has them and the OS grants them
 //   "vdpbf16ps"  AVX512-BF16 dot products (AVX512-BF16 CPUs without AMX, e.g. AMD Zen 4/5)
@@ -23,6 +19,13 @@ constexpr int64_t kSkinnyMaxRows = 32;
 const char* streaming_kernel();
 inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 
+// Rows per expert up to which skinny_gemm_bf16 beats ATen's GEMM: 32 for the AVX-512 kernels
+// (beyond, their FMA rate binds); 1024 for amx, whose tiles keep a task's block of weight rows
+// in L2 while the whole batch passes over it (measured against oneDNN's AMX GEMM on a Xeon:
+// faster from 128 rows to 2048 tokens of a Mixtral-shaped layer; beyond, the packed batch
+// outgrows the caches).
+int64_t skinny_max_rows();
+
 class SkinnyRows;
 
 // out[m * ldo + (o - o0)] = sum_{d < D} x[m][d] * w[o * ldw + d], for o in [o0, o1) and
@@ -30,12 +33,13 @@ class SkinnyRows;
 void skinny_gemm_bf16(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const SkinnyRows& x,
                       float* out, int64_t ldo);
 
-// The batch rows of one expert (at most kSkinnyMaxRows, each D wide), prepared once for every
+// The batch rows of one expert (at most skinny_max_rows(), each D wide), prepared once for every
 // weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma one,
-// packed into tiles for the amx one.
+// packed into tiles for the amx one. `whole_tiles`: every block of weight rows the caller will
+// pass has a multiple of 16 rows (then the amx kernel needs no fma layout for leftover rows).
 class SkinnyRows {
  public:
-  SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D);
+  SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles);
   int64_t size() const { return M_; }
 
  private:

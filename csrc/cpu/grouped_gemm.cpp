@@ -31,20 +31,16 @@ void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<
   for (int64_t e : experts) {
     std::vector<const c10::BFloat16*> rows;
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) rows.push_back(xp + r * x.stride(0));
-    batches.emplace_back(rows.data(), static_cast<int64_t>(rows.size()), D);
+    batches.emplace_back(rows.data(), static_cast<int64_t>(rows.size()), D, O % 16 == 0);
   }
   parallel_tasks(
-      count * tasks_per_expert, [] { return std::vector<float>(kSkinnyMaxRows * kRowsPerTask); },
+      count * tasks_per_expert, [] { return std::vector<float>(skinny_max_rows() * kRowsPerTask); },
       [&](int64_t task, std::vector<float>& out) {
         const int64_t i = task / tasks_per_expert, e = experts[i];
         const int64_t o0 = (task % tasks_per_expert) * kRowsPerTask, o1 = std::min(O, o0 + kRowsPerTask);
         const int64_t first = offsets[e], M = offsets[e + 1] - first;
         skinny_gemm_bf16(wp + e * w.stride(0), w.stride(1), D, o0, o1, batches[i], out.data(), kRowsPerTask);
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t o = o0; o < o1; ++o) {
-            yp[(first + m) * O + o] = vm::narrow<c10::BFloat16>(out[m * kRowsPerTask + o - o0]);
-          }
-        }
+        for (int64_t m = 0; m < M; ++m) narrow_row(out.data() + m * kRowsPerTask, o1 - o0, yp + (first + m) * O + o0);
       });
 }
 
@@ -59,7 +55,7 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
     if (rows == 0) continue;
-    if (streaming && rows <= kSkinnyMaxRows) {
+    if (streaming && rows <= skinny_max_rows()) {
       skinny.push_back(e);
     } else {
       auto out = y_NO.narrow(0, offsets[e], rows);

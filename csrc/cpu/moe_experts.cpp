@@ -55,7 +55,7 @@ Shapes check_shapes(const at::Tensor& x_TH, const at::Tensor& weights_TK, const 
 
 at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-// The weight-streaming forward of the experts in `experts` (each with at most kSkinnyMaxRows
+// The weight-streaming forward of the experts in `experts` (each with at most skinny_max_rows()
 // rows): writes y_NH rows, and h_N2I rows when h_N2I has any.
 void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Shapes& s, const at::Tensor& w_gate_up,
                        const at::Tensor& w_down, Activation act, const std::vector<int64_t>& offsets,
@@ -77,7 +77,7 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
     const int64_t first = offsets[experts[i]], M = act_row[i + 1] - act_row[i];
     std::vector<const c10::BFloat16*> rows(M);
     for (int64_t m = 0; m < M; ++m) rows[m] = xp + (row_to_slot[first + m] / s.K) * x.stride(0);
-    tokens.emplace_back(rows.data(), M, H);
+    tokens.emplace_back(rows.data(), M, H, I % 16 == 0);
   }
 
   const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
@@ -87,7 +87,7 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
   };
   parallel_tasks(
       count * gate_tasks,
-      [] { return GateScratch{std::vector<float>(kSkinnyMaxRows * B), std::vector<float>(kSkinnyMaxRows * B),
+      [] { return GateScratch{std::vector<float>(skinny_max_rows() * B), std::vector<float>(skinny_max_rows() * B),
                               std::vector<float>(B)}; },
       [&](int64_t task, GateScratch& sc) {
         const int64_t i = task / gate_tasks, e = experts[i];
@@ -98,14 +98,11 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
         skinny_gemm_bf16(w, H, H, I + i0, I + i1, tokens[i], sc.up.data(), B);
         for (int64_t m = 0; m < M; ++m) {
           glu_f32(sc.gate.data() + m * B, sc.up.data() + m * B, n, act, sc.out.data());
-          c10::BFloat16* a_row = act_data + (act_row[i] + m) * I + i0;
-          for (int64_t k = 0; k < n; ++k) a_row[k] = vm::narrow<c10::BFloat16>(sc.out[k]);
+          narrow_row(sc.out.data(), n, act_data + (act_row[i] + m) * I + i0);
           if (keep_h) {
             c10::BFloat16* h_row = h + (first + m) * 2 * I;
-            for (int64_t k = 0; k < n; ++k) {
-              h_row[i0 + k] = vm::narrow<c10::BFloat16>(sc.gate[m * B + k]);
-              h_row[I + i0 + k] = vm::narrow<c10::BFloat16>(sc.up[m * B + k]);
-            }
+            narrow_row(sc.gate.data() + m * B, n, h_row + i0);
+            narrow_row(sc.up.data() + m * B, n, h_row + I + i0);
           }
         }
       });
@@ -116,22 +113,18 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
     const int64_t M = act_row[i + 1] - act_row[i];
     std::vector<const c10::BFloat16*> rows(M);
     for (int64_t m = 0; m < M; ++m) rows[m] = act_data + (act_row[i] + m) * I;
-    activations.emplace_back(rows.data(), M, I);
+    activations.emplace_back(rows.data(), M, I, H % 16 == 0);
   }
   const int64_t down_tasks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   auto* y = y_NH.data_ptr<c10::BFloat16>();
   parallel_tasks(
-      count * down_tasks, [] { return std::vector<float>(kSkinnyMaxRows * kDownRowsPerTask); },
+      count * down_tasks, [] { return std::vector<float>(skinny_max_rows() * kDownRowsPerTask); },
       [&](int64_t task, std::vector<float>& out) {
         const int64_t i = task / down_tasks, e = experts[i];
         const int64_t h0 = (task % down_tasks) * kDownRowsPerTask, h1 = std::min(H, h0 + kDownRowsPerTask);
         const int64_t first = offsets[e], M = offsets[e + 1] - first;
         skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), kDownRowsPerTask);
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t k = h0; k < h1; ++k) {
-            y[(first + m) * H + k] = vm::narrow<c10::BFloat16>(out[m * kDownRowsPerTask + k - h0]);
-          }
-        }
+        for (int64_t m = 0; m < M; ++m) narrow_row(out.data() + m * kDownRowsPerTask, h1 - h0, y + (first + m) * H + h0);
       });
 }
 
@@ -151,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) continue;
-    if (streaming && M <= kSkinnyMaxRows) {
+    if (streaming && M <= skinny_max_rows()) {
       streamed.push_back(e);
       continue;
     }

@@ -72,6 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(const a
   return {offsets_E1, counts_E, row_to_slot_N, slot_to_row_N};
 }
 
+FINTEAM_SIMD void narrow_row(const float* src, int64_t n, c10::BFloat16* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = vm::narrow<c10::BFloat16>(src[i]);
+}
+
 std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E, int64_t N, const char* op) {
   const at::Tensor o = expert_offsets_E1.to(at::kLong).contiguous();
   TORCH_CHECK(o.numel() == E + 1, op, ": expert_offsets_E1 must have E+1 = ", E + 1, " entries; got ", o.numel());

@@ -19,6 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(const a
 // The offsets on the host (they live there on the CPU), checked: E+1 entries, 0 to N, non-decreasing.
 std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E, int64_t N, const char* op);
 
+// dst[i] = src[i] rounded to bf16 (nearest even), for i < n.
+void narrow_row(const float* src, int64_t n, c10::BFloat16* dst);
+
 // x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`.
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
                  at::Tensor& out);
