@@ -1,4 +1,5 @@
-// The bf16 weight-streaming kernels: 4 weight rows by up to 4 batch rows per tile.
+// The AVX-512 bf16 weight-streaming kernels (4 weight rows by up to 4 batch rows per tile), and
+// the choice between them and the AMX kernel (dot_amx.cpp).
 //
 // Designed for memory-bound decode: every weight byte is read from memory once; a tile's 4
 // rows (4*D*2 bytes, 8 KB at D=1024) stay in L1 while each group of 4 batch rows passes over
