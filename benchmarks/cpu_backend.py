@@ -38,6 +38,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import finteam_kernels  # the installed package, with its compiled extension
+except ImportError:  # a checkout that was built in place
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import harness  # noqa: E402
 
