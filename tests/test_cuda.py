@@ -14,7 +14,7 @@ import torch
 
 from finteam_kernels import (_ext, dispatch, grouped_gemm, moe_experts, permute, reference, router_losses,
                              topk_gating, unpermute)
-from tests.tolerance import assert_close
+from tolerance import assert_close
 
 pytestmark = pytest.mark.cuda
 

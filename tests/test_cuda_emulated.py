@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from finteam_kernels import reference
-from tests.tolerance import assert_close
+from tolerance import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
