@@ -14,6 +14,7 @@ import torch
 
 from finteam_kernels import (_ext, dispatch, grouped_gemm, moe_experts, permute, reference, router_losses,
                              topk_gating, unpermute)
+from routing import routed
 from tolerance import assert_close
 
 pytestmark = pytest.mark.cuda
@@ -68,11 +69,6 @@ def check(cuda_fn, ref_fn, inputs: list, name: str, *, expand_grad: bool = False
     for i, (a, e, b) in enumerate(zip(actual[1], expected[1], baseline[1])):
         assert_close(a, e, baseline=b, name=f"{name}: gradient of floating input {i}", computed_in=computed_in)
 
-
-def routed(T: int, K: int, E: int, experts=None, dtype=torch.int32) -> torch.Tensor:
-    """ids_TK: K distinct experts per token, drawn from `experts` (default all E)."""
-    pool = torch.arange(E) if experts is None else torch.tensor(experts)
-    return pool[torch.rand(T, len(pool)).argsort(dim=1)[:, :K]].to(dtype).cuda()
 
 
 # ---- topk_gating ----
@@ -171,7 +167,7 @@ def test_gating_low_precision_and_strides(dtype):
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_router_losses(T, E, K, dtype, ids_dtype):
     logits = (torch.randn(T, E, device="cuda") * 3).to(dtype).requires_grad_()
-    ids = routed(T, K, E, dtype=ids_dtype)
+    ids = routed(T, K, E, dtype=ids_dtype).cuda()
     got = router_losses(logits, ids, E, backend=BACKEND)
     ga, gz = torch.randn(2).tolist()
     (got_grad,) = torch.autograd.grad(ga * got.aux_loss + gz * got.z_loss, logits)
@@ -201,7 +197,7 @@ def test_router_losses(T, E, K, dtype, ids_dtype):
 ])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_dispatch(T, K, E, experts, ids_dtype):
-    ids = routed(T, K, E, experts, ids_dtype)
+    ids = routed(T, K, E, experts, ids_dtype).cuda()
     got, want = dispatch(ids, E, backend=BACKEND), reference.dispatch(ids, E)
     for name, a, b in zip(got._fields, got, want):
         assert_close(a, b, name=name)
@@ -223,7 +219,7 @@ def test_dispatch_random_sweep():
 # ---- permute and unpermute ----
 
 def plan_for(T, K, E, experts=None):
-    return reference.dispatch(routed(T, K, E, experts), E)
+    return reference.dispatch(routed(T, K, E, experts).cuda(), E)
 
 
 def layout(T, H, dtype, kind):
@@ -365,7 +361,7 @@ MOE_CASES = [
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("T, K, E, H, I, experts", MOE_CASES)
 def test_moe_experts(T, K, E, H, I, experts, dtype, activation):
-    ids = routed(T, K, E, experts, torch.int64)  # transformers passes int64 ids
+    ids = routed(T, K, E, experts, torch.int64).cuda()  # transformers passes int64 ids
     x = torch.randn(T, H, device="cuda").to(dtype)
     w = torch.rand(T, K, device="cuda")
     gate_up = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
@@ -377,7 +373,7 @@ def test_moe_experts(T, K, E, H, I, experts, dtype, activation):
 
 def test_moe_experts_needs_grad_false_keeps_no_h():
     x = torch.randn(5, 16, device="cuda")
-    ids = routed(5, 2, 4)
+    ids = routed(5, 2, 4).cuda()
     out, h, offsets, *_ = torch.ops.finteam.moe_experts_fwd(x, ids, torch.rand(5, 2, device="cuda"),
                                                             torch.randn(4, 24, 16, device="cuda"),
                                                             torch.randn(4, 16, 12, device="cuda"), "silu", False)
@@ -388,7 +384,7 @@ def test_moe_experts_is_deterministic_and_graph_capturable():
     # No atomics in the combine or the reductions: bit-identical on every run. No host sync: the
     # forward and backward replay from a CUDA graph and agree with the eager run.
     T, K, E, H, I = 129, 2, 8, 64, 48
-    ids = routed(T, K, E)
+    ids = routed(T, K, E).cuda()
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.rand(T, K, device="cuda", requires_grad=True)
     gate_up = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)

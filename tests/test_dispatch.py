@@ -3,6 +3,7 @@ its invariants on generated shapes and ids, the custom op, and the argument erro
 import pytest
 import torch
 from backends import kernel_backends
+from routing import routed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,11 +29,6 @@ EXPERTS = [
 GRID = [(T, E, K) for T in TOKENS for E in EXPERTS for K in sorted({1, 2, E}) if K <= E]
 
 
-def distinct_ids(T: int, E: int, K: int, dtype=torch.int32) -> torch.Tensor:
-    """K distinct experts per token, as gating chooses them."""
-    return torch.rand(T, E).argsort(dim=1)[:, :K].to(dtype)
-
-
 def assert_same_plan(actual, expected):
     for name, a, e in zip(expected._fields, actual, expected):
         assert a.dtype == e.dtype, f"{name}: {a.dtype} != {e.dtype}"
@@ -42,7 +38,7 @@ def assert_same_plan(actual, expected):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,E,K", GRID)
 def test_dispatch_grid_matches_reference(backend, T, E, K):
-    ids = distinct_ids(T, E, K)
+    ids = routed(T, K, E)
     assert_same_plan(dispatch(ids, E, backend=backend), reference.dispatch(ids, E))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from backends import kernel_backends
 from test_addressing_64bit import far_rows
+from routing import routed
 from tolerance import assert_close
 
 from finteam_kernels import moe_experts, reference
@@ -18,11 +19,6 @@ BACKENDS = kernel_backends()
 LOW = (torch.bfloat16, torch.float16)
 GRADS = ("grad_x_TH", "grad_weights_TK", "grad_w_gate_up_E2IH", "grad_w_down_EHI")
 
-
-def routed(T: int, K: int, E: int, experts=None) -> torch.Tensor:
-    """ids_TK: K distinct experts per token, drawn from `experts` (default all E)."""
-    pool = torch.arange(E) if experts is None else torch.tensor(experts)
-    return pool[torch.rand(T, len(pool)).argsort(dim=1)[:, :K]].to(torch.int32)
 
 
 SHAPES = {

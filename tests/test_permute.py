@@ -4,6 +4,7 @@ ops, and the argument errors."""
 import pytest
 import torch
 from backends import kernel_backends
+from routing import routed
 from tolerance import assert_close
 
 from finteam_kernels import dispatch, permute, reference
@@ -11,11 +12,6 @@ from finteam_kernels import dispatch, permute, reference
 BACKENDS = kernel_backends()
 LOW = (torch.bfloat16, torch.float16)
 
-
-def routed(T: int, K: int, E: int, experts=None) -> torch.Tensor:
-    """ids_TK: K distinct experts per token, drawn from `experts` (default all E)."""
-    pool = torch.arange(E) if experts is None else torch.tensor(experts)
-    return pool[torch.rand(T, len(pool)).argsort(dim=1)[:, :K]].to(torch.int32)
 
 
 SHAPES = {
