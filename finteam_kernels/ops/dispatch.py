@@ -11,7 +11,7 @@ distinct experts per token are topk_gating's promise, not a requirement of the g
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from .._types import DispatchPlan
 from ._triton import cdiv, device_guard, interpreting
 
@@ -73,4 +73,6 @@ def dispatch(topk_ids_TK: torch.Tensor, num_experts: int, *, backend: str | None
     name = pick_backend(backend, topk_ids_TK.device, "dispatch")
     if name == "reference":
         return reference.dispatch(topk_ids_TK, num_experts)
+    if direct_call():
+        return DispatchPlan(*kernel("dispatch_fwd", name, dispatch_fwd)(topk_ids_TK, num_experts))
     return DispatchPlan(*_dispatch(topk_ids_TK, num_experts, name))

@@ -12,7 +12,7 @@ GLU epilogue); `grouped_gemm_fwd` / `grouped_gemm_bwd` are the launchers of the 
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from ._triton import autotune_enabled, cdiv, device_guard, interpreting, next_pow2
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,4 +161,6 @@ def grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: tor
     name = pick_backend(backend, x_ND.device, op)
     if name == "reference":
         return reference.grouped_gemm(x_ND, w_EOD, expert_offsets_E1)
+    if direct_call(x_ND, w_EOD):
+        return kernel("grouped_gemm_fwd", name, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
     return _grouped_gemm(x_ND, w_EOD, expert_offsets_E1, name)

@@ -24,7 +24,7 @@ one [N, I] or [N, H] buffer.
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from ._triton import cdiv, device_guard, interpreting
 from .dispatch import dispatch_fwd
 from .grouped_gemm import GEMM_DTYPES, gemm, wgrad
@@ -185,6 +185,9 @@ def moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
     name = pick_backend(backend, x_TH.device, "moe_experts")
     if name == "reference":
         return reference.moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation)
+    if direct_call(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+        return kernel("moe_experts_fwd", name, moe_experts_fwd)(
+            x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, False)[0]
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
     return _moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,

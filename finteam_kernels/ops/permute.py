@@ -7,7 +7,7 @@ Shape legend: T tokens, H hidden, K top-k, N = T*K routed rows.
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from .._types import DispatchPlan
 from ._triton import cdiv, device_guard
 
@@ -93,4 +93,6 @@ def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = Non
     name = pick_backend(backend, x_TH.device, "permute")
     if name == "reference":
         return reference.permute(x_TH, plan)
+    if direct_call(x_TH):
+        return kernel("permute_fwd", name, permute_fwd)(x_TH, plan.row_to_slot_N, top_k)
     return _permute(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, name)

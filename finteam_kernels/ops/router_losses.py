@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from .._types import RouterLosses
 from ._triton import cdiv, device_guard
 
@@ -155,4 +155,6 @@ def router_losses(
     name = pick_backend(backend, logits_TE.device, "router_losses")
     if name == "reference":
         return reference.router_losses(logits_TE, topk_ids_TK, num_experts)
+    if direct_call(logits_TE):
+        return RouterLosses(*kernel("router_losses_fwd", name, router_losses_fwd)(logits_TE, topk_ids_TK, num_experts))
     return RouterLosses(*_router_losses(logits_TE, topk_ids_TK, num_experts, name))

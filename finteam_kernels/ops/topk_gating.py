@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from .._types import Routing
 from ._triton import cdiv, device_guard
 
@@ -173,5 +173,8 @@ def topk_gating(
     if name == "reference":
         return reference.topk_gating(logits_TE, k, score=score, renormalize=renormalize, expert_bias=expert_bias,
                                      num_groups=num_groups, topk_groups=topk_groups, scaling=scaling)
+    if direct_call(logits_TE):
+        return Routing(*kernel("topk_gating_fwd", name, topk_gating_fwd)(
+            logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups, float(scaling)))
     return Routing(*_topk_gating(logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups,
                                  float(scaling), name))

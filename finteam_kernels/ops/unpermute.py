@@ -9,7 +9,7 @@ Both directions write each output element from one program: deterministic, no at
 import torch
 
 from .. import _checks, reference
-from .._backend import kernel, pick_backend
+from .._backend import direct_call, kernel, pick_backend
 from .._types import DispatchPlan
 from ._triton import cdiv, device_guard
 
@@ -111,4 +111,6 @@ def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Ten
     name = pick_backend(backend, y_NH.device, "unpermute")
     if name == "reference":
         return reference.unpermute(y_NH, plan, topk_weights_TK)
+    if direct_call(y_NH, topk_weights_TK):
+        return kernel("unpermute_fwd", name, unpermute_fwd)(y_NH, plan.slot_to_row_N, topk_weights_TK)
     return _unpermute(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, name)
