@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -75,29 +73,6 @@ def _transformers_experts(implementation: str, w_gate_up_E2IH: torch.Tensor, w_d
     module.gate_up_proj = torch.nn.Parameter(w_gate_up_E2IH, requires_grad=False)
     module.down_proj = torch.nn.Parameter(w_down_EHI, requires_grad=False)
     return module
-
-
-def interleaved(fns: dict, quick: bool) -> dict[str, harness.Stats]:
-    """Per provider, the wall-clock Stats of its calls, timed in rounds of one call each."""
-    budget_s = 3.0 if quick else 15.0
-    for fn in fns.values():  # warm-up: first-call allocations and primitive creation
-        fn()
-        fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 400):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            t0 = time.perf_counter_ns()
-            fns[name]()
-            times[name].append((time.perf_counter_ns() - t0) / 1e6)
-        rounds += 1
-    stats = {}
-    for name, ms in times.items():
-        q = statistics.quantiles(ms, n=10, method="inclusive")
-        stats[name] = harness.Stats(statistics.median(ms), q[1], q[7], len(ms), "wall-clock, interleaved")
-    return stats
 
 
 def dense_gemm_rate(quick: bool) -> float:
@@ -152,7 +127,7 @@ def expert_rows(quick: bool, rate: dict) -> list[dict]:
             ceiling, unit = rate["dense_gemm_tflops"], "TFLOP/s"
             achieved = lambda ms: harness.tflops(flops, ms)  # noqa: E731
         with torch.inference_mode():
-            times = interleaved({name: harness.cycle([lambda f=f: f(x_TH, ids_TK, weights_TK) for f in fns])
+            times = harness.interleaved({name: harness.cycle([lambda f=f: f(x_TH, ids_TK, weights_TK) for f in fns])
                                  for name, fns in providers.items()}, quick)
         for name, stats in times.items():
             rows.append({"section": "experts", "case": f"T={T}", "tokens": T, "provider": name, **stats.to_dict(),
@@ -187,7 +162,7 @@ def op_rows(quick: bool) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for case, (ref_fn, ours_fn) in cases.items():
-            stats = interleaved({"reference": ref_fn, "cpu": ours_fn}, quick)
+            stats = harness.interleaved({"reference": ref_fn, "cpu": ours_fn}, quick)
             ref, ours = stats["reference"], stats["cpu"]
             rows.append({"section": "ops", "case": case, "provider": "reference", **ref.to_dict()})
             rows.append({"section": "ops", "case": case, "provider": "cpu", **ours.to_dict()})
@@ -211,19 +186,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_pressure() -> float | None:
-    """Percent of the last 10 s in which some runnable task waited for a CPU (Linux PSI)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split("avg10=")[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def load() -> dict:
-    return {"load_average": os.getloadavg()[0], "cpu_pressure_avg10": cpu_pressure()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="longer measurements (the quick default takes a few minutes)")
@@ -237,7 +199,7 @@ def main() -> None:
     if problem is not None:
         sys.exit(f"the compiled CPU backend is not usable here: {problem}")
     env = harness.environment("cpu", packages=("transformers",))
-    before = load()
+    before = harness.machine_load()
     first = ceilings(quick)
     # A ceiling is the best rate the machine gives: measured at both ends of the run, the higher
     # one counts (a shared machine can be busy during either).
@@ -249,7 +211,7 @@ def main() -> None:
             r["ceiling"] = rate["gemv_gbs"] if r["unit"] == "GB/s" else rate["dense_gemm_tflops"]
             r["fraction_of_ceiling"] = r["rate"] / r["ceiling"]
     rows = rows_experts + op_rows(quick)
-    after = load()
+    after = harness.machine_load()
     payload = {"environment": env, "cpu_capability": torch.ops.finteam.cpu_capability(), "ceilings": rate,
                "ceiling_runs": [first, last], "load": {"before": before, "after": after}, "rows": rows}
     path = harness.write_results(args.out or harness.default_out_dir("cpu"), "cpu_backend", payload)

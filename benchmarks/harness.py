@@ -1,6 +1,8 @@
 """The one timing harness every benchmark script builds on.
 
     measure(fn, device)        -> Stats: warm-up, then median with p20/p80 (and peak memory)
+    interleaved(fns)           -> Stats per provider, timed in alternating rounds (CPU)
+    machine_load()             -> load average and CPU pressure, to print beside CPU numbers
     ceilings(device, quick)    -> the machine's roofline, measured now: bandwidth and matmul rate
     matmul_rate(m, n, k, ...)  -> TFLOP/s of one dense GEMM (a ceiling "of the same FLOPs")
     rotation_copies(nbytes)    -> how many input sets to rotate so that caches do not flatter
@@ -223,6 +225,42 @@ def measure(
     if memory and stats.reps > 1:
         stats.peak_bytes = peak_memory(fn, device)
     return stats
+
+
+def interleaved(fns: dict[str, Callable[[], object]], quick: bool = True) -> dict[str, Stats]:
+    """Wall-clock Stats per provider, timed in rounds of one call each, the order rotating: on a
+    CPU a drift in memory bandwidth or load while a case runs then hits every provider alike,
+    which back-to-back `measure` calls do not promise."""
+    budget_s = 3.0 if quick else 15.0
+    for fn in fns.values():  # warm-up: first-call allocations and primitive creation
+        fn()
+        fn()
+    names = list(fns)
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 400):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            t0 = time.perf_counter_ns()
+            fns[name]()
+            times[name].append((time.perf_counter_ns() - t0) / 1e6)
+        rounds += 1
+    stats = {}
+    for name, ms in times.items():
+        q = statistics.quantiles(ms, n=10, method="inclusive")
+        stats[name] = Stats(statistics.median(ms), q[1], q[7], len(ms), "wall-clock, interleaved")
+    return stats
+
+
+def machine_load() -> dict:
+    """The load average and the percent of the last 10 s in which some runnable task waited for
+    a CPU (Linux PSI): on a shared machine any other busy process makes a parallel region wait
+    for a descheduled thread, so numbers are compared at low load."""
+    pressure = None
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open("/proc/pressure/cpu") as f:
+            pressure = float(f.readline().split("avg10=")[1].split()[0])
+    return {"load_average": os.getloadavg()[0], "cpu_pressure_avg10": pressure}
 
 
 def gbs(nbytes: float, ms: float) -> float:

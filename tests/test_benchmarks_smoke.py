@@ -106,3 +106,19 @@ def test_routings_have_their_shape(routing):
         assert counts.argmax() == 0 and counts[0] > 3 * counts.float().mean()
     else:  # every expert gets some of the 4096 assignments
         assert (counts > 0).all()
+
+
+def test_tiny_mixtral_script_compares_eager_and_finteam(tmp_path):
+    # The model-level numbers of the layer's documentation come from this script: it must run,
+    # time both providers and find the two models' logits equal in fp32.
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(BENCH / "tiny_mixtral.py"), "--batch", "1", "--seq", "16", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finteam / eager" in done.stdout
+    payload = json.loads((tmp_path / "tiny_mixtral_float32.json").read_text())
+    assert payload["max_logit_diff"]["finteam vs eager"] < 1e-4
+    timed = {(r["mode"], r["provider"]) for r in payload["rows"] if "median_ms" in r}
+    assert timed == {(m, p) for m in ("forward", "forward+backward") for p in ("eager", "finteam")}
