@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ROLES, RecipeError, load_recipe
+from .config import ROLES, RecipeError, check_world, load_recipe
 
 STAGES = ("data", "tokenizer", "pretrain", "assemble", "instruct", "evaluate")
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     try:
         recipe = load_recipe(args.recipe, args.set)
+        if command in ("run", "instruct"):  # the stages that may split experts over processes
+            check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         if command == "generate":
             return _generate(args, recipe)
     except RecipeError as err:

@@ -130,7 +130,10 @@ class EvaluateConfig:
 class DistributedConfig:
     # Under torchrun every stage that trains shards with FSDP2 (fully_shard) across processes.
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    expert_parallel: int = 1  # MoE stages: experts split over this many processes (>1 needs a GPU)
+    # Instruction tuning of the team: each layer's experts split over groups of this many
+    # processes (expert parallelism, see finteam/parallel.py); 1: FSDP2 shards them like the rest.
+    # Must divide the team's expert count and the number of processes.
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -271,9 +274,13 @@ def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
     unknown = set(recipe.evaluate.baselines) - {"dense", "experts", "merge"}
     if unknown:
         raise RecipeError(f"recipe {where}: evaluate.baselines may hold dense, experts, merge; got {sorted(unknown)}")
-    if recipe.distributed.expert_parallel != 1:
-        raise RecipeError(f"recipe {where}: distributed.expert_parallel must be 1 for now (FSDP2 shards the experts); "
-                          f"expert parallelism is not wired into the pipeline yet; got {recipe.distributed.expert_parallel}")
+    ep = recipe.distributed.expert_parallel
+    if ep < 1 or experts % ep:
+        raise RecipeError(f"recipe {where}: distributed.expert_parallel must be >= 1 and divide the team's {experts} experts "
+                          f"({len(ROLES)} roles{' + the base' * recipe.assemble.base_expert}); got {ep}")
+    if ep > 1 and recipe.instruct.experts_implementation != "finteam":
+        raise RecipeError(f"recipe {where}: distributed.expert_parallel > 1 runs the experts on finteam_kernels, so "
+                          f"instruct.experts_implementation must be 'finteam'; got {recipe.instruct.experts_implementation!r}")
     if recipe.model.seq_len < 16:
         raise RecipeError(f"recipe {where}: model.seq_len must be >= 16; got {recipe.model.seq_len}")
     data = recipe.data
@@ -294,6 +301,14 @@ def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
     for path, key in input_files(recipe) if check_inputs else []:
         if not Path(path).exists():
             raise RecipeError(f"recipe {where}: {key} names {path!r}, which does not exist")
+
+
+def check_world(recipe: Recipe, world_size: int) -> None:
+    """What needs the number of processes (known under torchrun, not when the recipe is read)."""
+    ep = recipe.distributed.expert_parallel
+    if world_size % ep:
+        raise RecipeError(f"recipe {recipe.name}: distributed.expert_parallel must divide the number of processes "
+                          f"(torchrun --nproc_per_node times nodes); expert_parallel is {ep}, got {world_size} process(es)")
 
 
 def input_files(recipe: Recipe) -> list[tuple[str, str]]:

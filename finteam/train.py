@@ -10,7 +10,9 @@ and W ranks with A micro-batches see the same samples as one process with W*A mi
 
 Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 (`fully_shard` on each decoder
 layer, then the root): parameters, gradients and optimizer state split across ranks, gradients
-averaged by reduce-scatter. Checkpoints gather full state dicts on rank 0.
+averaged by reduce-scatter. Checkpoints gather full state dicts on rank 0. How a model is split
+is a `DataParallel` object (this plain FSDP2 by default; parallel.py's `ExpertParallel` for the
+team with `distributed.expert_parallel` > 1).
 
 Resume: `<out>/checkpoints/latest` (see checkpoint.py) holds weights, optimizer, scheduler,
 RNG and step. Ctrl-C finishes the current step, saves, and exits (a second Ctrl-C aborts).
@@ -57,13 +59,33 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(model) -> None:
-    """FSDP2 over all ranks: one unit per decoder layer, then the root."""
-    from torch.distributed.fsdp import fully_shard
+class DataParallel:
+    """FSDP2 over all ranks: one unit per decoder layer, then the root. Full state dicts (weights
+    and optimizer, in the model's own parameter names) are gathered on rank 0 to save, and
+    broadcast from it to resume."""
 
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    def shard(self, model) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    def clip(self, model, max_norm: float) -> torch.Tensor:
+        """Scale the gradients to a global norm of at most `max_norm`; returns the norm before."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def state(self, model, opt) -> tuple[dict, dict]:
+        """(weights, optimizer state), full, on rank 0 (other ranks' may be empty)."""
+        return _state(model, opt, full=True)
+
+    def restore(self, model, opt, weights: dict, opt_state: dict) -> None:
+        """Load full `weights` (on rank 0; empty elsewhere) and `opt_state` (on every rank)."""
+        _restore(model, opt, weights, opt_state, world()[1] > 1)
+
+    def weights(self, model) -> dict | None:
+        """The full state dict on rank 0, None on the other ranks."""
+        return full_weights(model)
 
 
 def cosine(cfg: TrainConfig):
@@ -107,16 +129,23 @@ def _restore(model, opt, weights, opt_state, distributed: bool) -> None:
     set_optimizer_state_dict(model, opt, opt_state, options=options)
 
 
+def model_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
 def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, device: torch.device,
-        precision: str = "auto", checkpointing: bool = False) -> Trained:
+        precision: str = "auto", checkpointing: bool = False, parallel: DataParallel | None = None,
+        loss_of=model_loss) -> Trained:
     """Train `model` on `batches` for `cfg.steps` optimizer steps, resuming from `out/checkpoints`
     (`checkpointing`: recompute activations in the backward, for models whose activations
-    would not fit)."""
+    would not fit; `parallel`: how ranks split the model, plain FSDP2 by default; `loss_of(model,
+    batch)`: the training loss of a micro-batch)."""
     rank, size = world()
+    parallel = parallel or DataParallel()
     if checkpointing:
         model.gradient_checkpointing_enable()
     if size > 1:
-        shard(model)
+        parallel.shard(model)
     opt = optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(cfg))
     ckpt_dir = out / "checkpoints"
@@ -134,14 +163,14 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
         if size > 1:
             dist.broadcast_object_list(box, src=0)
         trainer = box[0]
-        _restore(model, opt, weights, trainer["optimizer"], size > 1)
+        parallel.restore(model, opt, weights, trainer["optimizer"])
         sched.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         trained = Trained(trainer["step"], trainer["tokens"], trainer["seconds"], [tuple(x) for x in trainer["losses"]])
         log(f"{label}  resuming at step {trained.steps}/{cfg.steps}")
 
     def save(step: int) -> None:
-        weights, opt_state = _state(model, opt, full=True)
+        weights, opt_state = parallel.state(model, opt)
         trainer = {"step": step, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                    "tokens": trained.tokens, "seconds": trained.seconds, "losses": [list(x) for x in trained.losses]}
         if rank == 0:
@@ -168,12 +197,12 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
                 first = (((step - 1) * cfg.grad_accum + micro) * size + rank) * cfg.batch_size
                 batch = {k: v.to(device) for k, v in batches.get(first, cfg.batch_size).items()}
                 with autocast(device, precision):
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = loss_of(model, batch) / cfg.grad_accum
                 loss.backward()
                 total += loss.item()
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                parallel.clip(model, cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
