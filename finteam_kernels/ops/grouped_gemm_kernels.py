@@ -28,6 +28,8 @@ import inspect
 import triton
 import triton.language as tl
 
+from ._jit import dot_operand, store
+
 # Experts scanned per step when a program looks for its row tile (any E works; this is the chunk).
 EXPERT_CHUNK = 128
 
@@ -63,27 +65,6 @@ def activation(x, ACTIVATION: tl.constexpr):
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
         d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
-
-
-@triton.jit
-def dot_operand(t, INTERPRETED: tl.constexpr):
-    """t ready for tl.dot. Under the interpreter (INTERPRETED), whose bf16 tl.dot is wrong, bf16
-    tiles are widened to fp32 first: exact, as the GPU's bf16 products are exact in fp32 too."""
-    if INTERPRETED and t.dtype == tl.bfloat16:
-        t = t.to(tl.float32)
-    return t
-
-
-@triton.jit
-def store(ptrs, x, mask, INTERPRETED: tl.constexpr):
-    """Store fp32 `x` rounded once, to nearest even, to the pointers' dtype. The interpreter's
-    fp32 -> bf16 conversion truncates (twice the GPU's error), so under it (INTERPRETED) the value
-    is first rounded to bf16's 8 significant bits in integer arithmetic, and the conversion is exact."""
-    if INTERPRETED and ptrs.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,7 +107,7 @@ def _grouped_gemm_kernel(
       c[r, j] = act(gate[r, j]) * up[r, j]; with STORE_H, h[r, :2*O] = [gate | up] too.
     - Masked: rows past their expert's end, columns past O, the reduction tail past D (loaded as
       zeros). Rows past N are never touched; any strides, including 0.
-    - INTERPRETED (set only under the interpreter) works around its bf16 traps: see `dot_operand`, `store`.
+    - INTERPRETED (set only under the interpreter) works around its bf16 traps: see `_jit`.
     - `rows_bucket` (N rounded up to a power of two) is only the autotune key.
     Cost: the operands of each tile once per K step (2*N*O*D flops, one read of every weight
     tile per row tile): compute-bound at real sizes.

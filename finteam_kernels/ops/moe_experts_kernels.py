@@ -13,7 +13,8 @@ backward's first GEMM) and w_r the routing weight of row r's slot:
 import triton
 import triton.language as tl
 
-from .grouped_gemm_kernels import activation, store
+from ._jit import store
+from .grouped_gemm_kernels import activation
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _glu_backward_kernel(
       written exactly once.
     - weights and grad_weights are contiguous [N] (indexed by slot); dh and wa have unit column
       stride. wa may be g itself: each element of g is read before the same program overwrites it.
-    - fp32 math, every output rounded once to its dtype (INTERPRETED: see grouped_gemm_kernels.store).
+    - fp32 math, every output rounded once to its dtype (INTERPRETED: see `_jit.store`).
     Cost: memory-bound, one read of h and g, one write of dh and wa (6*N*I elements).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
