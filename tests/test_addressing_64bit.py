@@ -120,6 +120,7 @@ def test_triton_kernels_write_far_rows():
     """Launchers allocate contiguous outputs; here each row kernel writes into far-apart rows."""
     if "triton" not in BACKENDS:
         pytest.skip("triton is not installed")
+    from finteam_kernels.ops._triton import interpreting
     from finteam_kernels.ops.rows_kernels import (_combine_rows_kernel, _gather_rows_kernel,
                                                   _unpermute_bwd_kernel, row_tile)
 
@@ -138,7 +139,8 @@ def test_triton_kernels_write_far_rows():
     src, w = torch.randn(3, H, dtype=dtype), torch.rand(3, 1)
     out = far_rows(3, H)
     _combine_rows_kernel[(1, 1)](src, index, w, out, 3, H, 1, src.stride(0), src.stride(1), w.stride(0),
-                                 w.stride(1), out.stride(0), HAS_WEIGHTS=True, BLOCK_T=block_r, BLOCK_H=block_h)
+                                 w.stride(1), out.stride(0), HAS_WEIGHTS=True, INTERPRETED=interpreting(),
+                                 BLOCK_T=block_r, BLOCK_H=block_h)
     assert torch.equal(out, unpermute_fwd(src, index, w))
 
     # unpermute backward: row gradients into three far rows, weight gradients into a far column
@@ -147,7 +149,7 @@ def test_triton_kernels_write_far_rows():
     grad_y, grad_w = far_rows(3, H), far_rows(3, 1)
     _unpermute_bwd_kernel[(1,)](grad, y, index, w, grad_y, grad_w, 3, H, 1, grad.stride(0), grad.stride(1),
                                 y.stride(0), y.stride(1), w.stride(0), w.stride(1), grad_y.stride(0),
-                                grad_w.stride(0), BLOCK_R=block_r, BLOCK_H=block_h)
+                                grad_w.stride(0), INTERPRETED=interpreting(), BLOCK_R=block_r, BLOCK_H=block_h)
     expected_y, expected_w = unpermute_bwd(grad, y, index, index, w)
     assert torch.equal(grad_y, expected_y) and torch.equal(grad_w, expected_w)
 

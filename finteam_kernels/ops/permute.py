@@ -9,7 +9,7 @@ import torch
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
 from .._types import DispatchPlan
-from ._triton import cdiv, device_guard
+from ._triton import cdiv, device_guard, interpreting
 
 
 def permute_fwd(x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) 
         _combine_rows_kernel[(cdiv(T, block_t), cdiv(H, block_h))](
             grad_NH, slot_to_row_N, grad_NH, grad_TH,
             T, H, top_k, grad_NH.stride(0), grad_NH.stride(1), 0, 0, grad_TH.stride(0),
-            HAS_WEIGHTS=False, BLOCK_T=block_t, BLOCK_H=block_h,
+            HAS_WEIGHTS=False, INTERPRETED=interpreting(), BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return grad_TH
 

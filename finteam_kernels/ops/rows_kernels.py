@@ -10,6 +10,8 @@ elements are addressed correctly. Sums run in fp32 (fp64 for fp64 data), in a fi
 import triton
 import triton.language as tl
 
+from ._jit import store
+
 
 @triton.jit
 def _wide(x):
@@ -55,13 +57,14 @@ def _gather_rows_kernel(
 def _combine_rows_kernel(
     src_ptr, index_ptr, weight_ptr, out_ptr,
     T, H, K, stride_src_row, stride_src_h, stride_weight_t, stride_weight_k, stride_out_row,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[t, :] = sum_j weight[t, j] * src[index[t*K + j], :], in fp32, j in order.
 
     One program per (BLOCK_T tokens, BLOCK_H columns) reduces their K sources itself: no
     atomics, so the result is the same on every run. `index` ([T*K], contiguous) maps slots to
-    source rows; `weight` is [T, K] with strides. out is contiguous in H, rounded once.
+    source rows; `weight` is [T, K] with strides. out is contiguous in H, rounded once
+    (INTERPRETED: see `_jit.store`).
     """
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -76,7 +79,7 @@ def _combine_rows_kernel(
             weight = tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=token_mask, other=0.0)
             values = values * weight.to(acc.dtype)[:, None]
         acc += values
-    tl.store(out_ptr + tokens[:, None] * stride_out_row + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store(out_ptr + tokens[:, None] * stride_out_row + cols[None, :], acc, mask, INTERPRETED)
 
 
 @triton.jit
@@ -84,7 +87,7 @@ def _unpermute_bwd_kernel(
     grad_ptr, y_ptr, index_ptr, weight_ptr, grad_y_ptr, grad_weight_ptr,
     N, H, K, stride_grad_t, stride_grad_h, stride_y_row, stride_y_h, stride_weight_t, stride_weight_k,
     stride_grad_y_row, stride_grad_weight_t,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """For row r holding slot s = index[r] = t*K + j:
         grad_y[r, :]      = weight[t, j] * grad[t, :]          (fp32 product, rounded once)
@@ -94,6 +97,7 @@ def _unpermute_bwd_kernel(
     write of grad_y[r] per row, the dot product for free from the same loads (memory-bound). Each
     grad_weight element is written by exactly one program and summed in a fixed order.
     grad may have stride 0 (a broadcast incoming gradient); grad_y is contiguous in H.
+    INTERPRETED: see `_jit.store`.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
@@ -108,11 +112,10 @@ def _unpermute_bwd_kernel(
         grad = _wide(tl.load(grad_ptr + tokens[:, None] * stride_grad_t + cols[None, :] * stride_grad_h,
                              mask=mask, other=0.0))
         y = _wide(tl.load(y_ptr + rows[:, None] * stride_y_row + cols[None, :] * stride_y_h, mask=mask, other=0.0))
-        tl.store(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :],
-                 (grad * weight[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
+        store(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :], grad * weight[:, None], mask,
+              INTERPRETED)
         dot += grad * y
-    tl.store(grad_weight_ptr + tokens * stride_grad_weight_t + j,
-             tl.sum(dot, axis=1).to(grad_weight_ptr.dtype.element_ty), mask=row_mask)
+    store(grad_weight_ptr + tokens * stride_grad_weight_t + j, tl.sum(dot, axis=1), row_mask, INTERPRETED)
 
 
 def aot_specs():
@@ -135,8 +138,9 @@ def aot_specs():
                     {"src_ptr": f"*{dtype}", "index_ptr": "*i32", "weight_ptr": "*fp32", "out_ptr": f"*{dtype}",
                      "T": "i32", "H": "i32", "K": "i32", "stride_src_row": "i64", "stride_src_h": "i64",
                      "stride_weight_t": "i64", "stride_weight_k": "i64", "stride_out_row": "i64",
-                     "HAS_WEIGHTS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
-                    {"HAS_WEIGHTS": has_weights, "BLOCK_T": block_r, "BLOCK_H": block_h}))
+                     "HAS_WEIGHTS": "constexpr", "INTERPRETED": "constexpr", "BLOCK_T": "constexpr",
+                     "BLOCK_H": "constexpr"},
+                    {"HAS_WEIGHTS": has_weights, "INTERPRETED": False, "BLOCK_T": block_r, "BLOCK_H": block_h}))
             specs.append(AotSpec(
                 f"unpermute_bwd[{tile}]", _unpermute_bwd_kernel,
                 {"grad_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "index_ptr": "*i32", "weight_ptr": "*fp32",
@@ -144,6 +148,6 @@ def aot_specs():
                  "N": "i32", "H": "i32", "K": "i32", "stride_grad_t": "i64", "stride_grad_h": "i64",
                  "stride_y_row": "i64", "stride_y_h": "i64", "stride_weight_t": "i64", "stride_weight_k": "i64",
                  "stride_grad_y_row": "i64", "stride_grad_weight_t": "i64",
-                 "BLOCK_R": "constexpr", "BLOCK_H": "constexpr"},
-                {"BLOCK_R": block_r, "BLOCK_H": block_h}))
+                 "INTERPRETED": "constexpr", "BLOCK_R": "constexpr", "BLOCK_H": "constexpr"},
+                {"INTERPRETED": False, "BLOCK_R": block_r, "BLOCK_H": block_h}))
     return specs

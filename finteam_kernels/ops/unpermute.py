@@ -11,7 +11,7 @@ import torch
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
 from .._types import DispatchPlan
-from ._triton import cdiv, device_guard
+from ._triton import cdiv, device_guard, interpreting
 
 
 def unpermute_fwd(y_NH: torch.Tensor, slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def unpermute_fwd(y_NH: torch.Tensor, slot_to_row_N: torch.Tensor, topk_weights_
         _combine_rows_kernel[(cdiv(T, block_t), cdiv(H, block_h))](
             y_NH, slot_to_row_N, topk_weights_TK, out_TH,
             T, H, K, y_NH.stride(0), y_NH.stride(1), topk_weights_TK.stride(0), topk_weights_TK.stride(1),
-            out_TH.stride(0), HAS_WEIGHTS=True, BLOCK_T=block_t, BLOCK_H=block_h,
+            out_TH.stride(0), HAS_WEIGHTS=True, INTERPRETED=interpreting(), BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return out_TH
 
@@ -51,7 +51,7 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
             grad_TH, y_NH, row_to_slot_N, topk_weights_TK, grad_NH, grad_weights_TK,
             N, H, K, grad_TH.stride(0), grad_TH.stride(1), y_NH.stride(0), y_NH.stride(1),
             topk_weights_TK.stride(0), topk_weights_TK.stride(1), grad_NH.stride(0), grad_weights_TK.stride(0),
-            BLOCK_R=block_r, BLOCK_H=block_h,
+            INTERPRETED=interpreting(), BLOCK_R=block_r, BLOCK_H=block_h,
         )
     return grad_NH, grad_weights_TK
 
