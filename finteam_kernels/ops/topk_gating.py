@@ -15,7 +15,7 @@ import torch
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
 from .._types import Routing
-from ._triton import cdiv, device_guard
+from ._triton import cdiv, device_guard, interpreting
 
 SCORES = ("softmax", "sigmoid")
 
@@ -76,7 +76,7 @@ def topk_gating_bwd(
             grad_weights_TK.stride(0), grad_weights_TK.stride(1), x_TE.stride(0), x_TE.stride(1),
             ids_TK.stride(0), ids_TK.stride(1),
             int(score == "sigmoid"), int(renormalize),
-            BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
+            INTERPRETED=interpreting(), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
         )
     return grad_TE.to(logits_TE.dtype)
 

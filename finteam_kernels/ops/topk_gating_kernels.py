@@ -13,6 +13,7 @@ reference's stable-sort tie rule. Row indices are int64 before they multiply a s
 import triton
 import triton.language as tl
 
+from ._jit import store
 from ._triton import AotSpec, interpreting, next_pow2
 
 MAX_EXPERTS = 4096
@@ -188,14 +189,15 @@ def _topk_gating_bwd_kernel(
     T, E, K, scaling,
     stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik,
     sigmoid, renormalize,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """grad_logits[t, :] from grad_weights[t, :] through the weighting, the gather at ids and the
     score function, recomputing the scores from the logits (nothing [T, E] is kept from the
     forward).
 
     grad_weights [T, K] any float dtype and strides (stride 0 too); logits [T, E] any strides;
-    ids [T, K] int32/int64, distinct per row; grad_logits contiguous [T, E] in its own dtype.
+    ids [T, K] int32/int64, distinct per row; grad_logits contiguous [T, E] in its own dtype,
+    rounded once (INTERPRETED: see `_jit.store`).
     Non-finite logits and dead rows get zero gradient, as in the reference. The renormalisation's
     denominator is clamped at the smallest normal float; below it no gradient flows through the
     denominator (clamp_min's rule).
@@ -233,8 +235,7 @@ def _topk_gating_bwd_kernel(
     else:
         grad = grad * ratio - scores * tl.sum(grad * ratio, axis=1)[:, None]
     grad = tl.where(alive[:, None] & finite, grad, 0.0)
-    tl.store(grad_logits_ptr + rows[:, None] * E + lanes[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & lane_ok)
+    store(grad_logits_ptr + rows[:, None] * E + lanes[None, :], grad, row_ok[:, None] & lane_ok, INTERPRETED)
 
 
 def aot_specs():
@@ -258,6 +259,6 @@ def aot_specs():
                  "grad_logits_ptr": f"*{dtype}", "T": "i32", "E": "i32", "K": "i32", "scaling": "fp32",
                  "stride_gt": "i64", "stride_gk": "i64", "stride_lt": "i64", "stride_le": "i64",
                  "stride_it": "i64", "stride_ik": "i64", "sigmoid": "i32", "renormalize": "i32",
-                 "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                tile, num_warps=num_warps))
+                 "INTERPRETED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
+                {"INTERPRETED": False, **tile}, num_warps=num_warps))
     return specs
