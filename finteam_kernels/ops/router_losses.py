@@ -13,7 +13,7 @@ import torch
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
 from .._types import RouterLosses
-from ._triton import cdiv, device_guard
+from ._triton import cdiv, device_guard, interpreting
 
 # Programs of the partial-sum pass: enough to fill a GPU, few enough that one program can add
 # their [P, E] partial sums quickly. Fixed, so the summation order depends only on T and E.
@@ -86,7 +86,7 @@ def router_losses_bwd(
         _router_losses_bwd_kernel[(cdiv(T, block_t),)](
             grad_aux.float(), grad_z.float(), x_TE, counts_E, grad_TE,
             T, num_experts, x_TE.stride(0), x_TE.stride(1),
-            BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
+            INTERPRETED=interpreting(), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
         )
     return grad_TE.to(logits_TE.dtype)
 

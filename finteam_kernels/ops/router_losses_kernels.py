@@ -10,6 +10,7 @@ Expert counts are int32 atomics (exact, so their order does not matter). Rows ar
 import triton
 import triton.language as tl
 
+from ._jit import store
 from ._triton import AotSpec
 from .topk_gating_kernels import gpu_tiles
 
@@ -107,13 +108,14 @@ def _router_losses_finish_kernel(
 def _router_losses_bwd_kernel(
     grad_aux_ptr, grad_z_ptr, logits_ptr, counts_ptr, grad_logits_ptr,
     T, E, stride_lt, stride_le,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """grad_logits[t, :] = softmax-backward of grad_aux * E * counts / T^2 (the aux loss through
     P_e; the counts carry no gradient) + grad_z * 2 * lse_t / T * softmax(logits[t]).
 
     grad_aux, grad_z 0-d fp32 (read on the device: no host sync); counts int32 [E] from the
-    partials kernel; grad_logits contiguous [T, E] in its own dtype.
+    partials kernel; grad_logits contiguous [T, E] in its own dtype, rounded once (INTERPRETED: see
+    `_jit.store`).
     Cost: one read of the logits, one write of their gradient: memory-bound.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -126,8 +128,8 @@ def _router_losses_bwd_kernel(
     grad_probs = (grad_aux * E * fraction / T)[None, :]
     grad = probs * (grad_probs - tl.sum(probs * grad_probs, axis=1)[:, None])
     grad += probs * (grad_z * 2.0 * lse / T)[:, None]
-    tl.store(grad_logits_ptr + rows[:, None] * E + lanes[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (lanes < E)[None, :])
+    store(grad_logits_ptr + rows[:, None] * E + lanes[None, :], grad, row_ok[:, None] & (lanes < E)[None, :],
+          INTERPRETED)
 
 
 def aot_specs():
@@ -151,8 +153,8 @@ def aot_specs():
                 f"router_losses_bwd[{dtype},BLOCK_T={block_t},BLOCK_E={block_e}]", _router_losses_bwd_kernel,
                 {"grad_aux_ptr": "*fp32", "grad_z_ptr": "*fp32", "logits_ptr": f"*{dtype}", "counts_ptr": "*i32",
                  "grad_logits_ptr": f"*{dtype}", "T": "i32", "E": "i32", "stride_lt": "i64", "stride_le": "i64",
-                 "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                tile, num_warps=num_warps))
+                 "INTERPRETED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
+                {"INTERPRETED": False, **tile}, num_warps=num_warps))
     specs.append(AotSpec(
         "router_losses_finish", _router_losses_finish_kernel,
         {"prob_sums_ptr": "*fp32", "lse_sq_sums_ptr": "*fp32", "counts_ptr": "*i32", "aux_ptr": "*fp32",
