@@ -23,8 +23,8 @@ all layers' logits concatenated, padding masked), so the objective does not depe
 
 State. Checkpoints hold full tensors under transformers' names, as without expert parallelism
 (and so either layout resumes from the other's checkpoints): to save, each tensor is gathered
-over its FSDP2 mesh and the experts then over their expert group; to resume, each full tensor is
-broadcast from rank 0 and every rank keeps its piece.
+over its FSDP2 mesh and the experts then over their expert group, on rank 0; to resume, rank 0
+reads them and broadcasts one full tensor at a time, of which every rank keeps its piece.
 """
 from __future__ import annotations
 
@@ -125,30 +125,43 @@ class ExpertParallel(DataParallel):
 
     def restore(self, model, opt, weights: dict, opt_state: dict) -> None:
         params = dict(model.named_parameters())
-        box = [sorted(set(params) - set(weights)) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise RuntimeError(f"resume: the checkpoint lacks {box[0]}")
+        rank0 = dist.get_rank() == 0
+        # What rank 0 read, less the tensors: which moments each parameter has, the steps, the
+        # hyperparameters. The tensors follow one at a time.
+        outline = [None]
+        if rank0:
+            missing = sorted(set(params) - set(weights))
+            outline = [{"missing": missing, "param_groups": opt_state["param_groups"],
+                        "state": {name: {k: v if k == "step" else None for k, v in moments.items()}
+                                  for name, moments in opt_state["state"].items()}}]
+        dist.broadcast_object_list(outline, src=0)
+        outline = outline[0]
+        if outline["missing"]:
+            raise RuntimeError(f"resume: the checkpoint lacks {outline['missing']}")
         with torch.no_grad():
             for name, p in params.items():
-                shape = (p.shape[0] * self.P, *p.shape[1:]) if is_expert(name) else p.shape
-                full = weights[name].to(self.device, p.dtype) if name in weights else torch.empty(
-                    shape, dtype=p.dtype, device=self.device)
-                dist.broadcast(full, src=0)
-                p.to_local().copy_(self._piece(name, p, full).to_local())
+                p.to_local().copy_(self._received(name, p, weights.get(name)).to_local())
         names = {id(p): name for name, p in params.items()}
         state, groups, i = {}, [], 0
-        for group, saved in zip(opt.param_groups, opt_state["param_groups"]):
+        for group, saved in zip(opt.param_groups, outline["param_groups"]):
             ids = []
             for p in group["params"]:
                 name = names[id(p)]
-                if name in opt_state["state"]:
-                    state[i] = {k: v if k == "step" else self._piece(name, p, v)
-                                for k, v in opt_state["state"][name].items()}
+                if name in outline["state"]:
+                    state[i] = {k: v if k == "step" else self._received(name, p, opt_state["state"][name][k] if rank0 else None)
+                                for k, v in outline["state"][name].items()}
                 ids.append(i)
                 i += 1
             groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
         opt.load_state_dict({"state": state, "param_groups": groups})
+
+    def _received(self, name: str, param: torch.Tensor, full: torch.Tensor | None) -> DTensor:
+        """This rank's piece of the full tensor `full` that rank 0 holds for parameter `name`."""
+        shape = (param.shape[0] * self.P, *param.shape[1:]) if is_expert(name) else param.shape
+        full = full.to(self.device, param.dtype) if full is not None else torch.empty(shape, dtype=param.dtype,
+                                                                                        device=self.device)
+        dist.broadcast(full, src=0)
+        return self._piece(name, param, full)
 
     def weights(self, model) -> dict | None:
         rank0 = dist.get_rank() == 0

@@ -80,7 +80,11 @@ class DataParallel:
         return _state(model, opt, full=True)
 
     def restore(self, model, opt, weights: dict, opt_state: dict) -> None:
-        """Load full `weights` (on rank 0; empty elsewhere) and `opt_state` (on every rank)."""
+        """Load full `weights` and `opt_state` (on rank 0; empty elsewhere)."""
+        if world()[1] > 1:
+            box = [opt_state]
+            dist.broadcast_object_list(box, src=0)
+            opt_state = box[0]
         _restore(model, opt, weights, opt_state, world()[1] > 1)
 
     def weights(self, model) -> dict | None:
@@ -158,12 +162,13 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
     else:
         resuming = saved is not None
     if resuming:
-        weights, trainer = saved if saved is not None else ({}, None)
+        weights, trainer = saved if saved is not None else ({}, {})
+        opt_state = trainer.pop("optimizer", {})  # as large as two models: `parallel` moves it
         box = [trainer]
         if size > 1:
             dist.broadcast_object_list(box, src=0)
         trainer = box[0]
-        parallel.restore(model, opt, weights, trainer["optimizer"])
+        parallel.restore(model, opt, weights, opt_state)
         sched.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         trained = Trained(trainer["step"], trainer["tokens"], trainer["seconds"], [tuple(x) for x in trainer["losses"]])
