@@ -1,6 +1,6 @@
 """Expert parallelism for instruction-tuning the team (`distributed.expert_parallel` P > 1).
 
-Shape legend: E experts, L = E/P experts per rank, W ranks, R = W/P replicas.
+Shape legend: E experts, P ranks of an expert group, L = E/P experts per rank, W ranks, R = W/P replicas.
 
 Layout. The W ranks form a 2-D device mesh (R replicas x P), rank = replica * P + ep index, so
 the P ranks of an expert group are neighbours (on one node, the all_to_all rides its fast links).
@@ -190,7 +190,7 @@ class RouterLoss:
 
     def _record(self, module, args, logits_TE) -> None:
         # Recording stops after the forward: gradient checkpointing reruns the routers in the
-        # backward, and those logits must not count twice.
+        # backward, and those logits are no part of the loss.
         if self.logits is not None:
             self.logits.append(logits_TE)
 

@@ -116,8 +116,20 @@ def gradient_worker(rank: int, port: int, result: dict) -> None:
         for (name, p), (name_ep, q) in zip(plain.named_parameters(), team.named_parameters()):
             assert name == name_ep
             grads[name] = (p.grad.full_tensor(), ep._full(name, q.grad))
+        # Again with activation checkpointing (as llama3-8b runs): the backward recomputes each
+        # layer, all_to_all included, and the router logits recorded in the forward must still
+        # carry their gradient.
+        team.zero_grad(set_to_none=True)
+        team.gradient_checkpointing_enable()
+        calls = []
+        team.model.layers[0].mlp.gate.register_forward_hook(lambda *_: calls.append(1))
+        recomputed_loss = loss_of(team, batch)
+        recomputed_loss.backward()
+        assert len(calls) == 2  # the forward and its recomputation
+        recomputed = {name: ep._full(name, q.grad) for name, q in team.named_parameters()}
         if rank == 0:
-            result.update(loss=(plain_loss.item(), ep_loss.item()), norm=(plain_norm.item(), ep_norm.item()), grads=grads)
+            result.update(loss=(plain_loss.item(), ep_loss.item(), recomputed_loss.item()),
+                          norm=(plain_norm.item(), ep_norm.item()), grads=grads, recomputed=recomputed)
     finally:
         dist.destroy_process_group()
 
@@ -131,14 +143,15 @@ def test_gradients_and_router_loss_equal_plain_fsdp2():
         result = manager.dict()
         mp.spawn(gradient_worker, args=(free_port(), result), nprocs=2)
         result = dict(result)
-    plain_loss, ep_loss = result["loss"]
+    plain_loss, ep_loss, recomputed_loss = result["loss"]
     # fp32, the same kernels, summed in another order (the all_to_all regroups the rows):
     # a few ulps of the loss and of each gradient's largest entries.
-    assert abs(plain_loss - ep_loss) < 1e-5 * plain_loss
+    assert abs(plain_loss - ep_loss) < 1e-5 * plain_loss and recomputed_loss == ep_loss
     torch.testing.assert_close(*result["norm"], rtol=1e-5, atol=0)
     for name, (g_plain, g_ep) in result["grads"].items():
         assert g_plain.shape == g_ep.shape, name
         torch.testing.assert_close(g_ep, g_plain, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(result["recomputed"][name], g_plain, rtol=1e-4, atol=1e-7, msg=f"{name}, recomputed")
     experts = result["grads"]["model.layers.0.mlp.experts.gate_up_proj"][0]
     assert all(experts[e].abs().sum() > 0 for e in range(4))  # every expert, on both ranks, got tokens
 
