@@ -72,7 +72,13 @@ class ExpertParallel(DataParallel):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
-            fully_shard(layer.mlp.experts, mesh=self.mesh["replica"]).set_gradient_divide_factor(float(self.W))
+            experts = fully_shard(layer.mlp.experts, mesh=self.mesh["replica"])
+            experts.set_gradient_divide_factor(float(self.W))
+            # With replicas, a sum and then the division: FSDP2 would otherwise fold the factor
+            # into the reduce-scatter as PREMUL_SUM, which NCCL has and gloo does not. Not with one
+            # replica: there FSDP2 skips the reduce-scatter, divides once itself, and with the
+            # forced sum would divide a second time (torch 2.13).
+            experts.set_force_sum_reduction_for_comms(self.W // self.P > 1)
             fully_shard(layer, mesh=self.world)
         fully_shard(model, mesh=self.world)
 

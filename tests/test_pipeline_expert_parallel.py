@@ -1,7 +1,8 @@
-"""Expert parallelism in the instruct stage (finteam/parallel.py), on 2 CPU processes with gloo:
-the gradients and the router loss equal plain FSDP2's; a torchrun run with expert_parallel 2,
-killed and resumed, gives the per-step losses and final weights of a plain FSDP2 run, in a
-checkpoint that transformers loads; a bad expert_parallel fails before any work."""
+"""Expert parallelism in the instruct stage (finteam/parallel.py), on CPU processes with gloo:
+the gradients and the router loss equal plain FSDP2's (2 and 4 processes); a torchrun run with
+expert_parallel 2 on 2 processes, killed and resumed, gives the per-step losses and final weights
+of a plain FSDP2 run, in a checkpoint that transformers loads; a bad expert_parallel fails before
+any work."""
 import copy
 import json
 import os
@@ -80,10 +81,10 @@ def test_bad_expert_parallel_fails_before_any_work(tmp_path):
 # training comparison below could not see a wrong gradient scale; this compares gradients.
 
 
-def gradient_worker(rank: int, port: int, result: dict) -> None:
+def gradient_worker(rank: int, world: int, port: int, result: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from finteam.parallel import ExpertParallel, RouterLoss
         from finteam.train import DataParallel
@@ -134,14 +135,18 @@ def gradient_worker(rank: int, port: int, result: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_gradients_and_router_loss_equal_plain_fsdp2():
-    """One forward and backward on 2 ranks, each its own batch: plain FSDP2 with transformers'
+@pytest.mark.parametrize("world", [
+    2,  # 1 replica x 2: the experts' FSDP2 group is a single rank
+    4,  # 2 replicas x 2: FSDP2 shards each expert over 2 ranks; W = 4, P = 2 and R = 2 all differ
+])
+def test_gradients_and_router_loss_equal_plain_fsdp2(world):
+    """One forward and backward on W ranks, each its own batch: plain FSDP2 with transformers'
     blocks and router loss, and expert_parallel 2 (each rank 2 of the 4 experts). Every gathered
-    gradient must match: the experts' FSDP2 units divide by W = 2, where their own group (1 rank)
-    would divide by 1 and double them."""
+    gradient must match: the experts' FSDP2 units divide by W, where FSDP2 would divide by their
+    group size R = W/2 and double them."""
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(gradient_worker, args=(free_port(), result), nprocs=2)
+        mp.spawn(gradient_worker, args=(world, free_port(), result), nprocs=world)
         result = dict(result)
     plain_loss, ep_loss, recomputed_loss = result["loss"]
     # fp32, the same kernels, summed in another order (the all_to_all regroups the rows):
