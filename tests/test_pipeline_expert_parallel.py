@@ -117,6 +117,9 @@ def gradient_worker(rank: int, world: int, port: int, result: dict) -> None:
         for (name, p), (name_ep, q) in zip(plain.named_parameters(), team.named_parameters()):
             assert name == name_ep
             grads[name] = (p.grad.full_tensor(), ep._full(name, q.grad))
+            # what a checkpoint holds, and what each rank takes back from it on resume
+            assert torch.equal(ep._full(name, q.detach()), p.detach().full_tensor()), name
+            assert torch.equal(ep._piece(name, q, ep._full(name, q.detach())).to_local(), q.detach().to_local()), name
         # Again with activation checkpointing (as llama3-8b runs): the backward recomputes each
         # layer, all_to_all included, and the router logits recorded in the forward must still
         # carry their gradient.
