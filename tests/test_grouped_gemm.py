@@ -35,8 +35,13 @@ SHAPES = {
     "many_experts": ([0] * 30 + [2] + [0] * 32 + [1], 20, 12),  # E=64, three rows: most experts empty,
                                                                # the worst-case grid nearly all surplus
     "expert_chunks": ([0] * 129 + [2, 1], 9, 6),  # E=131: the row-tile scan crosses its 128-expert chunk
+    # The cpu backward's row mixes (experts with at most 16 rows): 1 row, an empty expert between
+    # busy ones, 16 and 17 rows (either side of the switch to ATen), and 33; D=131 ends in a
+    # partial 64-column chunk and a partial task of 128 columns; O=67 splits dw into one task of
+    # 64 rows and one of 3, and leaves tiles of 2 and 1 rows.
+    "few_rows": ([1, 0, 16, 17, 5, 0, 3, 33], 131, 67),
 }
-EMPTY_CHECKED = ("no_rows", "odd", "one_expert", "many_experts", "expert_chunks")
+EMPTY_CHECKED = ("no_rows", "odd", "one_expert", "many_experts", "expert_chunks", "few_rows")
 
 
 def gemm_and_grads(x, w, offsets, grad, backend):
@@ -62,7 +67,7 @@ def check_against_reference(x, w, offsets, backend, name, grad=None):
 @pytest.mark.parametrize("dtype,shape", [
     pytest.param(dtype, shape, id=f"{shape}-{str(dtype).removeprefix('torch.')}")
     for dtype, shapes in ((torch.float32, SHAPES), (torch.bfloat16, ("single", "odd", "one_expert", "multi_tile",
-                                                                      "expert_chunks")),
+                                                                      "expert_chunks", "few_rows")),
                           (torch.float16, ("odd", "multi_tile")))
     for shape in shapes
 ])

@@ -124,6 +124,34 @@ def test_moe_experts_strided_inputs(backend):
     check_against_reference(x, ids, weights, w_gate_up, w_down, "gelu", backend, "strided grad", grad=grad_transposed)
 
 
+def routed_counts(counts, K):
+    """ids [T, K] giving expert e exactly counts[e] rows (each at most T, so no token meets an
+    expert twice): slot j of token t takes entry j*T + t of the experts listed in order."""
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return labels.reshape(K, -1).t().contiguous().to(torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_moe_experts_few_rows(backend, dtype):
+    """The cpu backward's row mixes (experts with at most 16 rows) against the reference: 1 row,
+    an empty expert between busy ones, 16 and 17 rows (either side of the switch to ATen), 33;
+    H=131 ends in a partial 64-column chunk and a partial task of 128 columns, 2I=134 splits
+    dW_gate_up into tasks of 64, 64 and 6 rows; odd I; w_down non-contiguous (every other expert)."""
+    counts, K, H, I = [1, 0, 16, 17, 5, 0, 3, 33, 1, 2], 2, 131, 67
+    ids = routed_counts(counts, K)
+    T, E = ids.shape[0], len(counts)
+    weights = torch.rand(T, K)
+    w_gate_up = (torch.randn(E, 2 * I, H) / H**0.5).to(dtype)
+    w_down = (torch.randn(2 * E, H, I) / I**0.5).to(dtype)[::2]
+    x = torch.randn(T, H, dtype=dtype)
+    actual, _ = check_against_reference(x, ids, weights, w_gate_up, w_down, "silu", backend,
+                                        f"few rows {dtype_name(dtype)}")
+    empty = [e for e, c in enumerate(counts) if c == 0]
+    for what, g in zip(GRADS[2:], actual[3:]):
+        assert torch.equal(g[empty], torch.zeros_like(g[empty])), f"{what}: empty experts not exactly zero"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_experts_stride0_gradient(backend):
     """`out.sum().backward()` hands the backward a gradient with stride 0 in both dimensions."""

@@ -4,13 +4,15 @@
 // An expert with few rows is weight-bound: its rows stream w[e] once through the bf16 kernel
 // (dot_bf16.h), with all such experts' weight rows split between the threads in one parallel
 // pass. An expert with many rows is a real GEMM and goes to ATen (oneDNN), which blocks for the
-// caches and the matrix units. The backward is GEMMs only: dx = dy @ w[e], dw[e] = dy^T @ x,
-// and an expert with no rows gets an exactly zero dw.
+// caches and the matrix units. The backward: dx = dy @ w[e], dw[e] = dy^T @ x, for an expert
+// with few rows as sums of scaled rows (mix.h), all such experts in one parallel pass, for one
+// with many through ATen; an expert with no rows gets an exactly zero dw.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "dot_bf16.h"
+#include "mix.h"
 #include "rows.h"
 #include "vmath.h"
 
@@ -18,6 +20,11 @@ namespace finteam::cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
+// Backward: experts with up to kFewRows rows take the row mixes of mix.h, as in moe_experts;
+// a task writes kMixRowsPerTask rows of dw or computes kMixColsPerTask columns of dx.
+constexpr int64_t kFewRows = 16;
+constexpr int64_t kMixRowsPerTask = 64;
+constexpr int64_t kMixColsPerTask = 128;
 
 // The experts whose rows go through the streaming kernel; all of them in one parallel pass.
 void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,
@@ -66,6 +73,34 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
   return y_NO;
 }
 
+// The backward of the experts in `few` as row mixes (mix.h), in one parallel pass: per expert,
+// row blocks of dw[e] = dy^T @ x (each written once) and column blocks of dx = dy @ w[e] (each
+// weight row read once).
+template <typename scalar_t>
+void few_rows_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,
+                  const std::vector<int64_t>& few, at::Tensor& grad_x, at::Tensor& grad_w) {
+  const int64_t D = x.size(1), O = w.size(1), ldg = grad.stride(0), ldx = x.stride(0);
+  const int64_t rows = (O + kMixRowsPerTask - 1) / kMixRowsPerTask, cols = (D + kMixColsPerTask - 1) / kMixColsPerTask;
+  const auto* gp = grad.const_data_ptr<scalar_t>();
+  const auto* xp = x.const_data_ptr<scalar_t>();
+  const auto* wp = w.const_data_ptr<scalar_t>();
+  auto* dxp = grad_x.data_ptr<scalar_t>();
+  auto* dwp = grad_w.data_ptr<scalar_t>();
+  parallel_tasks(
+      static_cast<int64_t>(few.size()) * (rows + cols), [] { return 0; },
+      [&](int64_t task, int) {
+        const int64_t e = few[task / (rows + cols)], k = task % (rows + cols);
+        const int64_t first = offsets[e], M = offsets[e + 1] - first;
+        if (k < rows) {
+          const int64_t o0 = k * kMixRowsPerTask, o1 = std::min(O, o0 + kMixRowsPerTask);
+          mix_rows(gp + first * ldg + o0, 1, ldg, o1 - o0, M, xp + first * ldx, ldx, 0, D, dwp + (e * O + o0) * D, D);
+        } else {
+          const int64_t c0 = (k - rows) * kMixColsPerTask, c1 = std::min(D, c0 + kMixColsPerTask);
+          mix_rows(gp + first * ldg, ldg, 1, M, O, wp + e * w.stride(0), w.stride(1), c0, c1, dxp + first * D + c0, D);
+        }
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, const at::Tensor& x_ND,
                                                     const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
   const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
@@ -74,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, c
   auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto grad_w = at::empty_like(w, at::MemoryFormat::Contiguous);
   const auto offsets = host_offsets(expert_offsets_E1, E, N, "grouped_gemm");
+  std::vector<int64_t> few;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
     auto dw = grad_w[e];
@@ -81,10 +117,18 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, c
       dw.zero_();
       continue;
     }
+    if (rows <= kFewRows) {
+      few.push_back(e);
+      continue;
+    }
     const auto g = grad.narrow(0, offsets[e], rows);
     auto dx = grad_x.narrow(0, offsets[e], rows);
     at::mm_out(dx, g, w[e]);
     at::mm_out(dw, g.t(), x.narrow(0, offsets[e], rows));
+  }
+  if (!few.empty()) {
+    FINTEAM_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm_bwd",
+                            [&] { few_rows_bwd<scalar_t>(grad, x, w, offsets, few, grad_x, grad_w); });
   }
   return {grad_x, grad_w};
 }
