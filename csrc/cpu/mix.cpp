@@ -1,8 +1,10 @@
 // The row-mixing kernel of mix.h.
 //
-// A tile is up to 8 output rows by 32 columns of fp32 accumulators (16 zmm registers); per q it widens 32 elements of b once and adds them, scaled, to each row. For
-// dW (Q = M) b's M rows stay in L1 across the tiles of a row block; for dX (P = M) the columns
-// of a task's weight rows stay in L2 across the tiles of batch rows.
+// A tile is up to 4 output rows by 64 columns of fp32 accumulators (16 zmm registers on
+// AVX-512); per q it widens 64 elements of b once and adds them, scaled, to each row, so each
+// coefficient's broadcast serves 4 vector FMAs. For dW (Q = M) b's M rows stay in L1 across the
+// tiles of a row block; for dX (P = M) a column block of the weight stays in L1/L2 across the
+// tiles of batch rows and is read from memory once.
 #include "mix.h"
 
 #include <algorithm>
