@@ -20,11 +20,6 @@ namespace finteam::cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
-// Backward: experts with up to kFewRows rows take the row mixes of mix.h, as in moe_experts;
-// a task writes kMixRowsPerTask rows of dw or computes kMixColsPerTask columns of dx.
-constexpr int64_t kFewRows = 16;
-constexpr int64_t kMixRowsPerTask = 64;
-constexpr int64_t kMixColsPerTask = 128;
 
 // The experts whose rows go through the streaming kernel; all of them in one parallel pass.
 void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& offsets,

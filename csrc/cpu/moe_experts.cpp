@@ -37,13 +37,6 @@ namespace {
 
 constexpr int64_t kGateRowsPerTask = 32;
 constexpr int64_t kDownRowsPerTask = 64;
-// Backward: experts with up to kFewRows rows take the row mixes of mix.h. On a 2-core AMX Xeon,
-// at 8 rows per expert they beat oneDNN by 15-30% on DeepSeek/OLMoE-sized weights (and lose 6%
-// on a 7168 x 1024 one); around 16 rows the two break even, where the FMA rate binds. A task
-// writes kMixRowsPerTask weight-gradient rows or computes kMixColsPerTask columns.
-constexpr int64_t kFewRows = 16;
-constexpr int64_t kMixRowsPerTask = 64;
-constexpr int64_t kMixColsPerTask = 128;
 
 struct Shapes {
   int64_t T, H, I, E, K, N;
