@@ -35,10 +35,6 @@ from .data import load_corpus
 from .progress import log
 
 
-def is_ffn(name: str) -> bool:
-    return ".mlp." in name
-
-
 def ffn(sd: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) of one Llama layer."""
     p = f"model.layers.{layer}.mlp."

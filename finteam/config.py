@@ -131,7 +131,7 @@ class DistributedConfig:
     # Under torchrun every stage that trains shards with FSDP2 (fully_shard) across processes.
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Instruction tuning of the team: each layer's experts split over groups of this many
-    # processes (expert parallelism, see finteam/parallel.py); 1: FSDP2 shards them like the rest.
+    # processes (expert parallelism, see finteam/expert_parallel.py); 1: FSDP2 shards them like the rest.
     # Must divide the team's expert count and the number of processes.
     expert_parallel: int = 1
 

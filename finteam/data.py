@@ -4,7 +4,7 @@
   tasks/{train,valid,test}.jsonl   {"id", "task", "label", "conversations": [...]} (FinBen form)
   tasks.json                       per task: metric, role, label choices
 
-Sources: the embedded synthetic world (`finteam/world.py`, the default, offline), or per role
+Sources: the embedded synthetic world (`finteam/synthetic.py`, the default, offline), or per role
 local .txt/.jsonl/.json/.parquet files and folders or `hf:NAME[:CONFIG][@SPLIT]` datasets read
 through `datasets`; instruction tasks from conversation JSONL in the FinBen/PIXIU form
 (`conversations`: [{"from": "human"|"agent"|..., "value": ...}]) or the OpenAI form
@@ -20,7 +20,7 @@ from . import prose
 from .checkpoint import write_json, write_jsonl
 from .config import ROLES, DataConfig, Recipe
 from .progress import log
-from .world import World
+from .synthetic import World
 
 USER_ROLES = {"human", "user", "system"}
 ANSWER_ROLES = {"agent", "gpt", "assistant", "bot", "model"}

@@ -19,8 +19,8 @@ from .checkpoint import load_model, save_model, stamp
 from .config import Recipe
 from .data import load_tasks
 from .progress import log
-from .parallel import ExpertParallel, RouterLoss
-from .train import DataParallel, fit, model_loss, world
+from .expert_parallel import ExpertParallel, RouterLoss
+from .train import DataParallel, fit, model_loss, rank_and_size
 
 TRAINABLE = {"router": (".mlp.gate.",), "router+attention": (".mlp.gate.", ".self_attn.")}
 
@@ -56,7 +56,7 @@ def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, s
     trained = fit(model, batches, cfg.train, out, meta, label, device, recipe.precision,
                   recipe.model.gradient_checkpointing, parallel, loss_of)
     weights = (parallel or DataParallel()).weights(model)
-    if world()[0] == 0:
+    if rank_and_size()[0] == 0:
         model.config.output_router_logits = False
         save_model(model, out / "model", {**meta, "steps": trained.steps, "losses": trained.losses}, tokenizer, weights)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -31,7 +31,7 @@ from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
 from .config import ROLES, Recipe
 from .progress import duration, log
-from .train import world
+from .train import rank_and_size
 
 
 hf_logging.disable_progress_bar()  # our log lines say what is loading; a bar per file is noise
@@ -75,11 +75,11 @@ def stage(label: str, out: Path, recipe: Recipe, force: bool, fn) -> dict:
         note = "" if finished["recipe"] == recipe.to_dict() else " (made by a different recipe)"
         log(f"{label}  done already{note}: {out}  (--force reruns it)")
         return finished.get("summary", {})
-    if force and out.exists() and world()[0] == 0:
+    if force and out.exists() and rank_and_size()[0] == 0:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     summary = fn()
-    if world()[0] == 0:
+    if rank_and_size()[0] == 0:
         mark_done(out, stamp(recipe, label), time.perf_counter() - t0, summary)
     log(f"{label}  finished in {duration(time.perf_counter() - t0)}")
     return summary
@@ -128,7 +128,7 @@ def run_assemble(recipe: Recipe, k: int, force: bool = False) -> None:
     p, seed = Paths(recipe.run_dir), recipe.seed + k
     tok = tokenizers.load(p.tokenizer)
     experts = [p.model(k, r) / "model" for r in ROLES]
-    if world()[0] != 0:
+    if rank_and_size()[0] != 0:
         return
     stage("assemble", p.model(k, "moe"), recipe, force,
           lambda: assemble.run(recipe, p.data, base_dir(recipe, k), experts, tok, p.model(k, "moe"), seed, device_of(recipe)))
@@ -162,7 +162,7 @@ def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:
 
 def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
     p = Paths(recipe.run_dir)
-    if world()[0] != 0:
+    if rank_and_size()[0] != 0:
         return
     tok = tokenizers.load(p.tokenizer)
     tests, meta = test_sets(recipe, p.data)
@@ -228,7 +228,7 @@ def run_all(recipe: Recipe, seeds: int = 1, force: bool = False) -> str:
         run_assemble(recipe, k, force)
         run_instruct(recipe, k, force)
         run_evaluate(recipe, k, force)
-    if world()[0] != 0:
+    if rank_and_size()[0] != 0:
         return ""
     text = run_report(recipe, ks)
     log(f"\n{text}\nResults in {recipe.run_dir}/results.md (and .json, routing.png); "

@@ -20,7 +20,7 @@ from .batches import PackedTokens
 from .checkpoint import load_model, save_model, stamp
 from .config import ROLES, Recipe, TrainConfig
 from .data import load_corpus
-from .train import fit, full_weights, world
+from .train import fit, full_weights, rank_and_size
 
 
 def mixed_corpus(data_dir: Path, seed: int) -> list[str]:
@@ -38,7 +38,7 @@ def train_lm(recipe: Recipe, model, texts: list[str], tokenizer, cfg: TrainConfi
     trained = fit(model, batches, cfg, out, meta, label, device, recipe.precision,
                   recipe.model.gradient_checkpointing)
     weights = full_weights(model)
-    if world()[0] == 0:
+    if rank_and_size()[0] == 0:
         save_model(model, out / "model", {**meta, "steps": trained.steps, "tokens": trained.tokens}, tokenizer, weights)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"steps": trained.steps, "tokens": trained.tokens, "seconds": round(trained.seconds, 1),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from .world import DECISION_DAY, EARNINGS_DAY, MOMENTUM_WINDOW, PRODUCTS, TARGET_INFLATION, Company, World
+from .synthetic import DECISION_DAY, EARNINGS_DAY, MOMENTUM_WINDOW, PRODUCTS, TARGET_INFLATION, Company, World
 
 TASKS = {
     # name: (metric, role the world's rules make it lean on, label choices for scoring)

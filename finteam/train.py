@@ -53,7 +53,7 @@ class Trained:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def world() -> tuple[int, int]:
+def rank_and_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -81,11 +81,11 @@ class DataParallel:
 
     def restore(self, model, opt, weights: dict, opt_state: dict) -> None:
         """Load full `weights` and `opt_state` (on rank 0; empty elsewhere)."""
-        if world()[1] > 1:
+        if rank_and_size()[1] > 1:
             box = [opt_state]
             dist.broadcast_object_list(box, src=0)
             opt_state = box[0]
-        _restore(model, opt, weights, opt_state, world()[1] > 1)
+        _restore(model, opt, weights, opt_state, rank_and_size()[1] > 1)
 
     def weights(self, model) -> dict | None:
         """The full state dict on rank 0, None on the other ranks."""
@@ -144,7 +144,7 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
     (`checkpointing`: recompute activations in the backward, for models whose activations
     would not fit; `parallel`: how ranks split the model, plain FSDP2 by default; `loss_of(model,
     batch)`: the training loss of a micro-batch)."""
-    rank, size = world()
+    rank, size = rank_and_size()
     parallel = parallel or DataParallel()
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -238,7 +238,7 @@ def full_weights(model) -> dict | None:
     """The full state dict (gathered under FSDP) on rank 0, None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    rank, size = world()
+    rank, size = rank_and_size()
     if size == 1:
         return model.state_dict()
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

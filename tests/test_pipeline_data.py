@@ -9,7 +9,7 @@ import pytest
 from finteam import data, metrics, prose
 from finteam.cli import main
 from finteam.config import RecipeError, WorldConfig, load_recipe
-from finteam.world import EARNINGS_DAY, World, policy_move
+from finteam.synthetic import EARNINGS_DAY, World, policy_move
 
 SMALL = WorldConfig(economies=3, companies=8, quarters=12, docs_per_role=200, examples_per_task=120)
 

@@ -1,4 +1,4 @@
-"""Expert parallelism in the instruct stage (finteam/parallel.py), on CPU processes with gloo:
+"""Expert parallelism in the instruct stage (finteam/expert_parallel.py), on CPU processes with gloo:
 the gradients and the router loss equal plain FSDP2's (2 and 4 processes); a torchrun run with
 expert_parallel 2 on 2 processes, killed and resumed, gives the per-step losses and final weights
 of a plain FSDP2 run, in a checkpoint that transformers loads; a bad expert_parallel fails before
@@ -86,7 +86,7 @@ def gradient_worker(rank: int, world: int, port: int, result: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from finteam.parallel import ExpertParallel, RouterLoss
+        from finteam.expert_parallel import ExpertParallel, RouterLoss
         from finteam.train import DataParallel
 
         team = tiny_team(vocab=64, pad=0, eos=1)

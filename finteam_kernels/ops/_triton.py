@@ -21,11 +21,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def row_block(width: int, cap: int = 1024) -> int:
-    """A power-of-two block covering `width` elements of a row, at most `cap` (then the kernel loops)."""
-    return min(cap, next_pow2(max(width, 1)))
-
-
 def device_guard(t: torch.Tensor):
     """Launch on t's GPU (Triton launches on the current device)."""
     if t.device.type == "cuda":
