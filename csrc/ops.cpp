@@ -4,9 +4,9 @@
 // Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K routed
 // rows; D and O are a GEMM's input and output widths.
 //
-// These are the launcher contract of HELPERS.md: each op has the signature of the Triton
+// These are the launcher contract of csrc/README.md: each op has the signature of the Triton
 // launcher of the same name in finteam_kernels/ops/, so a compiled backend is a drop-in. The
-// implementations register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cpp (CUDA). This file
+// implementations register per device: cpu/ops_cpu.cpp (CPU), cuda/ops_cuda.cpp (CUDA). This file
 // is linked into the CPU library only; the CUDA library registers against these schemas.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

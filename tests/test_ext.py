@@ -25,7 +25,7 @@ from tolerance import assert_close
 
 ALLOW_NO_EXT = os.environ.get("FINTEAM_ALLOW_NO_EXT", "0") == "1"
 
-# The launcher contract (HELPERS.md): op -> (argument name, schema type) in order.
+# The launcher contract (csrc/README.md): op -> (argument name, schema type) in order.
 CONTRACT = {
     "topk_gating_fwd": [("logits_TE", "Tensor"), ("expert_bias_E", "Tensor?"), ("k", "int"), ("score", "str"),
                         ("renormalize", "bool"), ("num_groups", "int"), ("topk_groups", "int"), ("scaling", "float")],

@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 // Helpers called from FINTEAM_SIMD kernels must be inlined into each clone to be vectorised
@@ -97,6 +98,14 @@ inline IndexView index_view(const at::Tensor& t) {
 // fp32 math for 16-bit inputs; fp64 stays fp64 (so the spec's fp64 checks hold here too).
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The dtype an op accumulates in (and returns routing weights in): fp64 for fp64, else fp32.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename acc_t>
+constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+template <typename acc_t>
+constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
 
 }  // namespace finteam::cpu
 

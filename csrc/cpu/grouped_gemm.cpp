@@ -7,11 +7,11 @@
 // caches and the matrix units. The backward: dx = dy @ w[e], dw[e] = dy^T @ x, for an expert
 // with few rows as sums of scaled rows (mix.h), all such experts in one parallel pass, for one
 // with many through ATen; an expert with no rows gets an exactly zero dw.
-#include <torch/library.h>
 
 #include <vector>
 
 #include "dot_bf16.h"
+#include "ops_cpu.h"
 #include "mix.h"
 #include "rows.h"
 #include "vmath.h"
@@ -46,6 +46,8 @@ void skinny_experts(const at::Tensor& x, const at::Tensor& w, const std::vector<
       });
 }
 
+}  // namespace
+
 at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
   const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_gemm: x_ND and w_EOD must have the same dtype");
@@ -67,6 +69,8 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
   if (!skinny.empty()) skinny_experts(x, w, offsets, skinny, y_NO);
   return y_NO;
 }
+
+namespace {
 
 // The backward of the experts in `few` as row mixes (mix.h), in one parallel pass: per expert,
 // row blocks of dw[e] = dy^T @ x (each written once) and column blocks of dx = dy @ w[e] (each
@@ -95,6 +99,8 @@ void few_rows_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
         }
       });
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, const at::Tensor& x_ND,
                                                     const at::Tensor& w_EOD, const at::Tensor& expert_offsets_E1) {
@@ -128,11 +134,5 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, c
   return {grad_x, grad_w};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(finteam, CPU, m) {
-  m.impl("grouped_gemm_fwd", &grouped_gemm_fwd);
-  m.impl("grouped_gemm_bwd", &grouped_gemm_bwd);
-}
 
 }  // namespace finteam::cpu

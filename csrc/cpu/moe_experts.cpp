@@ -23,11 +23,11 @@
 // An expert with few rows (the common case in training fine-grained MoEs) takes its GEMMs as
 // sums of scaled rows (mix.h), every such expert's tasks in one parallel pass per step; one
 // with many goes to ATen. An expert with no rows gets exactly zero weight gradients.
-#include <torch/library.h>
 
 #include <vector>
 
 #include "dot_bf16.h"
+#include "ops_cpu.h"
 #include "glu.h"
 #include "mix.h"
 #include "rows.h"
@@ -132,13 +132,15 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
       });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_fwd(
     const at::Tensor& x_TH, const at::Tensor& topk_ids_TK, const at::Tensor& topk_weights_TK,
     const at::Tensor& w_gate_up_E2IH, const at::Tensor& w_down_EHI, c10::string_view activation, bool needs_grad) {
   const Activation act = parse_activation(activation);
   const at::Tensor x = dense(x_TH), w_gate_up = dense(w_gate_up_E2IH), w_down = dense(w_down_EHI);
   const Shapes s = check_shapes(x, topk_weights_TK, w_gate_up, w_down);
-  auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_plan(topk_ids_TK, s.E);
+  auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_fwd(topk_ids_TK, s.E);
   auto h_N2I = at::empty({needs_grad ? s.N : 0, 2 * s.I}, x.options());
   auto y_NH = at::empty({s.N, s.H}, x.options());
   const auto offsets = host_offsets(offsets_E1, s.E, s.N, "moe_experts");
@@ -165,6 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
   return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
 }
+
+namespace {
 
 // Per row of one expert: the activation (for dW_down), <g, act> (the routing weight's
 // gradient) and dh (for dW_gate_up and dx), from h and g = dout @ W_down[e].
@@ -257,6 +261,8 @@ void few_rows_grads(const Shapes& s, const scalar_t* dout, const scalar_t* x_row
       });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
     const at::Tensor& grad_TH, const at::Tensor& x_TH, const at::Tensor& topk_weights_TK,
     const at::Tensor& w_gate_up_E2IH, const at::Tensor& w_down_EHI, const at::Tensor& h_N2I,
@@ -335,11 +341,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   return {grad_x, grad_w.to(topk_weights_TK.scalar_type()), grad_w_gate_up, grad_w_down};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(finteam, CPU, m) {
-  m.impl("moe_experts_fwd", &moe_experts_fwd);
-  m.impl("moe_experts_bwd", &moe_experts_bwd);
-}
 
 }  // namespace finteam::cpu

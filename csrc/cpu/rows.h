@@ -1,5 +1,5 @@
-// Row movement shared by the ops: the dispatch plan, the gather of token rows into expert
-// order, and the weighted combine back into token order.
+// Row movement shared by the ops: the gather of token rows into expert order and the weighted
+// combine back into token order.
 //
 // Shape legend: T tokens, H hidden, E experts, K top-k, N = T*K routed rows.
 #pragma once
@@ -10,11 +10,6 @@
 #include "common.h"
 
 namespace finteam::cpu {
-
-// (expert_offsets_E1 int64, tokens_per_expert_E int32, row_to_slot_N int32, slot_to_row_N int32):
-// a stable counting sort of the N slots by expert.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(const at::Tensor& topk_ids_TK,
-                                                                         int64_t num_experts);
 
 // The offsets on the host (they live there on the CPU), checked: E+1 entries, 0 to N, non-decreasing.
 std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E, int64_t N, const char* op);

@@ -23,7 +23,7 @@ enum class IdType { I32, I64 };
 enum class Score { Softmax, Sigmoid };
 enum class Act { SiLU, GeLU, GeLUTanh };
 
-// ---- gating.cu ----
+// ---- topk_gating.cu ----
 // weights_TK (float), ids_TK (int32), counts_E (int32, zeroed here). logits has strides
 // (stride_t, stride_e); bias_E is float or null. Fails (returns an error) when E needs more
 // shared memory than one block may have.
