@@ -49,7 +49,7 @@ def topk_gating_fwd(
             T, E, k, E // num_groups, topk_groups, float(scaling),
             x_TE.stride(0), x_TE.stride(1),
             int(score == "sigmoid"), int(has_bias), int(renormalize),
-            BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
+            INTERPRETED=interpreting(), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
         )
     return weights_TK, ids_TK, counts_E
 

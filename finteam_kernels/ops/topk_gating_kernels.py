@@ -9,9 +9,16 @@ stays on chip and the logits are read once. Selection is K rounds of one int64 m
 a key that packs the fp32 value (order-preserving bits) above the inverted expert index: the
 largest key is the largest value, and among equal values the lowest index, which is the
 reference's stable-sort tie rule. Row indices are int64 before they multiply a stride.
+
+Scores are rounded as PyTorch rounds them on a GPU, so that near-ties pick the reference's
+experts: exp is CUDA's expf (libdevice, as `torch.softmax`/`torch.sigmoid` call it) and divisions
+round to nearest (`div_rn`). Compiled, Triton's own `tl.exp` is `ex2.approx` and its fp32 `/`
+is `div.full`, each a few ulps off; the interpreter computes both exactly, which is why only
+compiled code could disagree. Under the interpreter (no libdevice) exp is numpy's.
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._jit import store
 from ._triton import AotSpec, interpreting, next_pow2
@@ -80,7 +87,15 @@ def _key_value(key):
 
 
 @triton.jit
-def _scores(x, lane_ok, sigmoid):
+def _exp(x, INTERPRETED: tl.constexpr):
+    """e**x rounded as CUDA's expf: the libdevice function, not Triton's ex2.approx."""
+    if INTERPRETED:
+        return tl.exp(x)
+    return libdevice.exp(x)
+
+
+@triton.jit
+def _scores(x, lane_ok, sigmoid, INTERPRETED: tl.constexpr):
     """Scores of a tile of fp32 logits as `reference.topk_gating` defines them.
 
     NaN counts as -inf and +-inf as the largest finite +-float; a row with no finite logit is
@@ -91,12 +106,12 @@ def _scores(x, lane_ok, sigmoid):
     alive = tl.max(finite.to(tl.int32), axis=1) > 0
     x = tl.where(lane_ok, _nan_to_num(x), -float("inf"))
     if sigmoid:
-        scores = 1.0 / (1.0 + tl.exp(-x))
+        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, INTERPRETED))
     else:
         # A dead row's max may be -inf or the largest float: shifting by 0 keeps it NaN-free.
         row_max = tl.where(alive, tl.max(x, axis=1), 0.0)
-        exps = tl.exp(x - row_max[:, None])
-        scores = exps / tl.where(alive, tl.sum(exps, axis=1), 1.0)[:, None]
+        exps = _exp(x - row_max[:, None], INTERPRETED)
+        scores = tl.math.div_rn(exps, tl.broadcast_to(tl.where(alive, tl.sum(exps, axis=1), 1.0)[:, None], exps.shape))
     return tl.where(alive[:, None] & lane_ok, scores, 0.0), alive, finite
 
 
@@ -135,7 +150,7 @@ def _topk_gating_fwd_kernel(
     T, E, K, group_size, topk_groups, scaling,
     stride_lt, stride_le,
     sigmoid, has_bias, renormalize,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """weights[t, j], ids[t, j] = the j-th pick of token t; counts[e] += how many picked e.
 
@@ -154,7 +169,7 @@ def _topk_gating_fwd_kernel(
     lane_ok = (lanes < E)[None, :]
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + lanes[None, :].to(tl.int64) * stride_le,
                 mask=row_ok[:, None] & lane_ok, other=0.0).to(tl.float32)
-    scores, alive, _ = _scores(x, lane_ok, sigmoid)
+    scores, alive, _ = _scores(x, lane_ok, sigmoid, INTERPRETED)
 
     bias = tl.zeros([BLOCK_E], tl.float32)
     if has_bias:
@@ -174,7 +189,8 @@ def _topk_gating_fwd_kernel(
     chosen = (rank >= 0) & row_ok[:, None]
     weights = tl.where(chosen, scores, 0.0)
     if renormalize:
-        weights = weights / tl.maximum(tl.sum(weights, axis=1), _FLT_TINY)[:, None]
+        total = tl.maximum(tl.sum(weights, axis=1), _FLT_TINY)[:, None]
+        weights = tl.math.div_rn(weights, tl.broadcast_to(total, weights.shape))
     weights = weights * scaling
     out = rows[:, None] * K + rank
     tl.store(weights_ptr + out, weights, mask=chosen)
@@ -210,7 +226,7 @@ def _topk_gating_bwd_kernel(
     lane_ok = (lanes < E)[None, :]
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + lanes[None, :].to(tl.int64) * stride_le,
                 mask=row_ok[:, None] & lane_ok, other=0.0).to(tl.float32)
-    scores, alive, finite = _scores(x, lane_ok, sigmoid)
+    scores, alive, finite = _scores(x, lane_ok, sigmoid, INTERPRETED)
 
     grad = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
     chosen = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
@@ -251,8 +267,8 @@ def aot_specs():
                  "counts_ptr": "*i32", "T": "i32", "E": "i32", "K": "i32", "group_size": "i32",
                  "topk_groups": "i32", "scaling": "fp32", "stride_lt": "i64", "stride_le": "i64",
                  "sigmoid": "i32", "has_bias": "i32", "renormalize": "i32",
-                 "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                tile, num_warps=num_warps))
+                 "INTERPRETED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
+                {"INTERPRETED": False, **tile}, num_warps=num_warps))
             specs.append(AotSpec(
                 f"topk_gating_bwd[{dtype},BLOCK_T={block_t},BLOCK_E={block_e}]", _topk_gating_bwd_kernel,
                 {"grad_weights_ptr": "*fp32", "logits_ptr": f"*{dtype}", "ids_ptr": "*i32",
