@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import random
 
-from .synthetic import DECISION_DAY, EARNINGS_DAY, MOMENTUM_WINDOW, PRODUCTS, TARGET_INFLATION, Company, World
+from .progress import log
+from .synthetic import DECISION_DAY, EARNINGS_DAY, MOMENTUM_WINDOW, PRODUCTS, TARGET_INFLATION, Company, World, policy_move
 
 TASKS = {
     # name: (metric, role the world's rules make it lean on, label choices for scoring)
@@ -254,18 +255,24 @@ def sentiment_example(w: World, r: random.Random) -> tuple[str, str]:
 
 
 def headline_example(w: World, r: random.Random) -> tuple[str, str]:
+    """The world's own quarters give too few distinct items (economies x quarters, about 240 in
+    the tiny world) for a test set that can tell models apart, so half the headlines quote
+    numbers drawn for the occasion; the label is the same band rule applied to them."""
     e, q = r.randrange(len(w.economies)), r.randrange(w.cfg.quarters)
     eco = w.economies[e]
+    infl, growth = eco.inflation[q], eco.growth[q]
+    if r.random() < 0.5:
+        infl, growth = round(r.uniform(-0.5, 5.5), 1), round(r.uniform(-2.0, 4.5), 1)
     headline = pick(
         r,
-        f"{eco.name} inflation at {pct(eco.inflation[q])} in quarter {q + 1}; growth {pct(eco.growth[q])}",
-        f"{eco.adjective} consumer prices {'up' if eco.inflation[q] >= 0 else 'down'} {pct(abs(eco.inflation[q]))} "
-        f"on the year in quarter {q + 1} as output changes {pct(eco.growth[q])}",
-        f"{eco.name} CPI {pct(eco.inflation[q])}, GDP {pct(eco.growth[q])}: {eco.bank} decision due",
+        f"{eco.name} inflation at {pct(infl)} in quarter {q + 1}; growth {pct(growth)}",
+        f"{eco.adjective} consumer prices {'up' if infl >= 0 else 'down'} {pct(abs(infl))} "
+        f"on the year in quarter {q + 1} as output changes {pct(growth)}",
+        f"{eco.name} CPI {pct(infl)}, GDP {pct(growth)}: {eco.bank} decision due",
     )
     prompt = (f"Headline: \"{headline}\"\nNow answer this question: Does the news headline imply that the "
               f"{eco.bank} will raise its policy rate? Answer Yes or No.\nAnswer:")
-    return prompt, "Yes" if eco.move_bp[q] > 0 else "No"
+    return prompt, "Yes" if policy_move(infl, growth) > 0 else "No"
 
 
 def ner_example(w: World, r: random.Random) -> tuple[str, str]:
@@ -273,13 +280,15 @@ def ner_example(w: World, r: random.Random) -> tuple[str, str]:
     eco = w.economies[c.economy]
     city = r.choice(eco.cities)
     forms = [
-        (f"{c.ceo}, chief executive of {c.name}, said in {city} that orders improved.",
+        (f"{c.ceo}, chief executive of {c.name}, said in {city} that "
+         f"{pick(r, 'orders improved', 'margins held up', 'demand slowed', 'costs rose', 'hiring would continue')}.",
          [(c.ceo, "PER"), (c.name, "ORG"), (city, "LOC")]),
         (f"{c.name} agreed a credit facility with the {eco.bank} in {eco.name}.",
          [(c.name, "ORG"), (eco.bank, "ORG"), (eco.name, "LOC")]),
         (f"The borrower, {c.name}, appointed {c.ceo} as its representative.",
          [(c.name, "ORG"), (c.ceo, "PER")]),
-        (f"{c.name} will supply {o.name} from its plant in {city}.",
+        (f"{c.name} will {pick(r, 'supply', 'partner with', 'acquire a stake in', 'license software to')} {o.name} "
+         f"from its {pick(r, 'plant', 'office', 'headquarters')} in {city}.",
          [(c.name, "ORG"), (o.name, "ORG"), (city, "LOC")]),
         (f"Under the agreement, {o.ceo} of {o.name} joins the board of {c.name}.",
          [(o.ceo, "PER"), (o.name, "ORG"), (c.name, "ORG")]),
@@ -290,6 +299,10 @@ def ner_example(w: World, r: random.Random) -> tuple[str, str]:
         ("The parties agree that interest accrues daily on the outstanding amount.", []),
     ]
     text, ents = r.choice(forms)
+    if ents and r.random() < 0.5:
+        lead = pick(r, "According to the filing, ", "In a statement, ", "On Monday, ")
+        first, rest = text.split(" ", 1)
+        text = lead + (first.lower() if first in ("The", "Notices", "Under") else first) + " " + rest
     prompt = ("Identify the named entities in the sentence below that are a person (PER), an organization "
               "(ORG) or a location (LOC). Answer with one 'entity name, entity type' per line, or 'None'.\n"
               f"Text: {text}\nAnswer:")
@@ -329,20 +342,27 @@ MAKERS = {"sentiment": sentiment_example, "headlines": headline_example, "ner": 
           "numeric": numeric_example, "movement": movement_example}
 
 
+def split_sizes(n: int) -> dict[str, int]:
+    """Distinct prompts per split for `n` examples per task: 80/10/10 train/valid/test."""
+    return {"train": n - 2 * (n // 10), "valid": n // 10, "test": n // 10}
+
+
 def tasks(w: World, seed: int) -> dict[str, list[dict]]:
-    """train/valid/test example lists (80/10/10 per task) in the FinBen conversation form. A
-    prompt that also appears in an earlier split is dropped from the later one, so test prompts
-    are never seen in training."""
+    """train/valid/test example lists (80/10/10 per task) in the FinBen conversation form. The
+    test split is drawn first, then valid, then train, each until it holds its full count of
+    prompts no other split holds, so test prompts are never seen in training and a test set of
+    500 holds 500 distinct items. A split whose task runs out of new instances keeps what it
+    found, and says so."""
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     for name, make in MAKERS.items():
         r = random.Random(f"{seed}-task-{name}")
         seen: set[str] = set()
-        n = w.cfg.examples_per_task
-        bounds = {"train": int(0.8 * n), "valid": int(0.9 * n), "test": n}
-        start = 0
-        for split, end in bounds.items():
-            for i in range(start, end):
+        i = 0
+        for split, want in reversed(split_sizes(w.cfg.examples_per_task).items()):
+            got, tries = 0, 0
+            while got < want and tries < 50 * want:
                 prompt, answer = make(w, r)
+                tries += 1
                 if prompt in seen:
                     continue
                 seen.add(prompt)
@@ -350,5 +370,7 @@ def tasks(w: World, seed: int) -> dict[str, list[dict]]:
                     "id": f"{name}{i}", "task": name, "label": answer,
                     "conversations": [{"from": "human", "value": prompt}, {"from": "agent", "value": answer}],
                 })
-            start = end
+                got, i = got + 1, i + 1
+            if got < want:
+                log(f"data  {name}: only {got} distinct {split} prompts of {want} (the world is too small for more)")
     return splits
