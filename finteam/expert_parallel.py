@@ -4,7 +4,7 @@ Shape legend: E experts, P ranks of an expert group, L = E/P experts per rank, W
 
 Layout. The W ranks form a 2-D device mesh (R replicas x P), rank = replica * P + ep index, so
 the P ranks of an expert group are neighbours (on one node, the all_to_all rides its fast links).
-Every MixtralSparseMoeBlock becomes a `FinTeamMoE.from_hf(block)` (the same weights under the
+Every MixtralSparseMoeBlock becomes a `finteam_kernels.hf.moe_from_block(block)` (the same weights under the
 same names) that keeps the experts [ep*L, (ep+1)*L); tokens reach them through all_to_all
 (finteam_kernels/parallel.py). FSDP2 shards those experts over the R ranks that hold the same
 ones (the mesh's replica dimension), and everything else over all W ranks. Data stays
@@ -57,7 +57,7 @@ class ExpertParallel(DataParallel):
     def convert(self, model, where: str) -> None:
         """Swap every MoE block of `model` for a FinTeamMoE holding this rank's experts (before
         the model moves to the device, so the other experts never reach it)."""
-        from finteam_kernels import FinTeamMoE
+        from finteam_kernels.hf import moe_from_block
 
         E = model.config.num_local_experts
         if E % self.P:
@@ -66,7 +66,7 @@ class ExpertParallel(DataParallel):
         model.config.output_router_logits = False
         for layer in model.model.layers:
             # backend None: $FINTEAM_BACKEND or "auto", as experts_implementation="finteam" runs them.
-            layer.mlp = FinTeamMoE.from_hf(layer.mlp, backend=None).shard_experts_(self.group)
+            layer.mlp = moe_from_block(layer.mlp, backend=None).shard_experts_(self.group)
 
     def shard(self, model) -> None:
         from torch.distributed.fsdp import fully_shard

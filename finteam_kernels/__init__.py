@@ -23,7 +23,7 @@ from .ops.router_losses import router_losses
 from .ops.topk_gating import topk_gating
 from .ops.unpermute import unpermute
 from .layers import FinTeamMoE
-from .router import router_aux_loss, update_expert_bias
+from .balancing import router_aux_loss, update_expert_bias
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,8 @@ this module registers "finteam" there, so
 
 runs every experts module on `finteam_kernels.moe_experts`, sharing the weights (no copies, same
 checkpoint layout). Routers stay transformers' own, and so does the `output_router_logits` loss.
-`patch(model)` switches a model that is already loaded.
+`patch(model)` switches a model that is already loaded, and `moe_from_block(block)` replaces a
+whole sparse MoE block (router included) by a FinTeamMoE that shares its weights.
 
 Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
 
@@ -18,15 +19,21 @@ gate/up, untransposed, bias-free, no post-expert norm, transformers' default gat
 of the table below, and no expert-parallel sentinel ids. Anything else is refused with an error
 naming the module and the property, never computed approximately.
 """
+import warnings
+
 import torch
 from torch import nn
 from transformers import activations
 from transformers.integrations.moe import ExpertsInterface
 
-from .layers import compute_dtype
+from ._autocast import compute_dtype
+from .layers import FinTeamMoE
 from .ops.moe_experts import moe_experts
 
 NAME = "finteam"
+
+# The sparse MoE blocks `moe_from_block` turns into a FinTeamMoE.
+_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
 
 # The activation module transformers built from `config.hidden_act`, mapped to moe_experts'
 # names. Each entry computes the same function: the tanh-approximated GELUs differ only in
@@ -132,6 +139,47 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
         # A bare block, or a sub-model whose class set_experts_implementation skips.
         module.config._experts_implementation_internal = NAME
     return model
+
+
+def moe_from_block(block: nn.Module, *, backend="auto") -> FinTeamMoE:
+    """A FinTeamMoE sharing the weights (no copies) of a transformers 5 Mixtral, Qwen2-MoE,
+    Qwen3-MoE or OLMoE sparse MoE block, computing what the block computes."""
+    if type(block).__name__ not in _BLOCKS:
+        raise ValueError(f"moe_from_block: {type(block).__name__} is not supported; expected one of "
+                         f"{', '.join(_BLOCKS)}")
+    if getattr(block, "jitter_noise", 0.0):
+        raise ValueError("moe_from_block: router jitter noise (router_jitter_noise > 0) is not supported")
+    router, experts = block.gate, block.experts
+    if getattr(experts.config, "output_router_logits", False):
+        warnings.warn("moe_from_block: transformers' output_router_logits loss cannot see FinTeamMoE routers; "
+                      "set config.output_router_logits=False and add finteam_kernels.router_aux_loss(model) to "
+                      "the loss instead", stacklevel=2)
+    shared = getattr(block, "shared_expert", None)
+    E, I2, H = experts.gate_up_proj.shape
+    weight = experts.gate_up_proj
+    layer = FinTeamMoE(
+        H, I2 // 2, E, router.top_k, renormalize=getattr(router, "norm_topk_prob", True),
+        aux_loss_coef=getattr(experts.config, "router_aux_loss_coef", 0.01), activation=activation_of(experts),
+        shared_expert_size=None if shared is None else shared.gate_proj.out_features,
+        shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
+        backend=backend, dtype=weight.dtype, device="meta",
+    )
+    if shared is not None and hf_activation(shared.act_fn) != layer.activation:
+        raise ValueError("moe_from_block: the shared expert's activation differs from the experts'")
+    if shared is not None and any(getattr(shared, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        raise ValueError("moe_from_block: a shared expert with biases is not supported")
+    shared_modules = ((layer.gate, router, ("weight",)), (layer.experts, experts, ("gate_up_proj", "down_proj")))
+    if shared is not None:
+        shared_modules += tuple((getattr(layer.shared_expert, n), getattr(shared, n), ("weight",))
+                                for n in ("gate_proj", "up_proj", "down_proj"))
+    if layer.shared_expert_gate is not None:
+        shared_modules += ((layer.shared_expert_gate, block.shared_expert_gate, ("weight",)),)
+    for ours, theirs, names in shared_modules:
+        for name in names:
+            setattr(ours, name, getattr(theirs, name))
+    layer.expert_bias = torch.zeros(E, dtype=torch.float32, device=weight.device)
+    layer.expert_load_E = torch.zeros(E, dtype=torch.int64, device=weight.device)
+    return layer.train(block.training)
 
 
 register()

@@ -18,13 +18,13 @@ per-expert `experts.<e>.w1/w2/w3` layout too: `_layer_state.py`). The `expert_bi
 updated by `finteam_kernels.update_expert_bias(model)` after the optimizer step.
 """
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
+from ._autocast import compute_dtype
 from ._backend import BACKENDS
 from ._layer_state import ExpertsStateMixin, check_number, zero_bias_when_missing
 from .ops.moe_experts import moe_experts
@@ -35,13 +35,6 @@ from .reference import ACTIVATIONS
 from .router import RouterStats, capacity_keep
 
 _GLU_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
-_HF_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
-
-
-def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
-    """The dtype the experts compute in: autocast's (which does not reach into custom ops, so the
-    inputs are cast as autocast would cast a Linear's), else `default`."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
 
 
 class FinTeamExperts(ExpertsStateMixin, nn.Module):
@@ -222,49 +215,6 @@ class FinTeamMoE(nn.Module):
         Its state dict then names the global experts it holds: `experts.gate_up_proj[lo:hi]`."""
         self.experts.shard_(ep_group)
         return self
-
-    @classmethod
-    def from_hf(cls, block: nn.Module, *, backend="auto") -> "FinTeamMoE":
-        """A FinTeamMoE sharing the weights (no copies) of a transformers 5 Mixtral, Qwen2-MoE,
-        Qwen3-MoE or OLMoE sparse MoE block, computing what the block computes."""
-        from .hf import activation_of, hf_activation
-
-        if type(block).__name__ not in _HF_BLOCKS:
-            raise ValueError(f"FinTeamMoE.from_hf: {type(block).__name__} is not supported; expected one of "
-                             f"{', '.join(_HF_BLOCKS)}")
-        if getattr(block, "jitter_noise", 0.0):
-            raise ValueError("FinTeamMoE.from_hf: router jitter noise (router_jitter_noise > 0) is not supported")
-        router, experts = block.gate, block.experts
-        if getattr(experts.config, "output_router_logits", False):
-            warnings.warn("FinTeamMoE.from_hf: transformers' output_router_logits loss cannot see FinTeamMoE routers; "
-                          "set config.output_router_logits=False and add finteam_kernels.router_aux_loss(model) to "
-                          "the loss instead", stacklevel=2)
-        shared = getattr(block, "shared_expert", None)
-        E, I2, H = experts.gate_up_proj.shape
-        weight = experts.gate_up_proj
-        layer = cls(
-            H, I2 // 2, E, router.top_k, renormalize=getattr(router, "norm_topk_prob", True),
-            aux_loss_coef=getattr(experts.config, "router_aux_loss_coef", 0.01), activation=activation_of(experts),
-            shared_expert_size=None if shared is None else shared.gate_proj.out_features,
-            shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
-            backend=backend, dtype=weight.dtype, device="meta",
-        )
-        if shared is not None and hf_activation(shared.act_fn) != layer.activation:
-            raise ValueError("FinTeamMoE.from_hf: the shared expert's activation differs from the experts'")
-        if shared is not None and any(getattr(shared, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
-            raise ValueError("FinTeamMoE.from_hf: a shared expert with biases is not supported")
-        shared_modules = ((layer.gate, router, ("weight",)), (layer.experts, experts, ("gate_up_proj", "down_proj")))
-        if shared is not None:
-            shared_modules += tuple((getattr(layer.shared_expert, n), getattr(shared, n), ("weight",))
-                                    for n in ("gate_proj", "up_proj", "down_proj"))
-        if layer.shared_expert_gate is not None:
-            shared_modules += ((layer.shared_expert_gate, block.shared_expert_gate, ("weight",)),)
-        for ours, theirs, names in shared_modules:
-            for name in names:
-                setattr(ours, name, getattr(theirs, name))
-        layer.expert_bias = torch.zeros(E, dtype=torch.float32, device=weight.device)
-        layer.expert_load_E = torch.zeros(E, dtype=torch.int64, device=weight.device)
-        return layer.train(block.training)
 
     def extra_repr(self) -> str:
         options = [f"top_k={self.top_k}", f"score={self.score!r}", f"activation={self.activation!r}"]

@@ -13,6 +13,7 @@ from tolerance import assert_close
 import finteam_kernels
 from finteam_kernels import FinTeamMoE, router_aux_loss, update_expert_bias
 from finteam_kernels._backend import why_unusable
+from finteam_kernels.hf import moe_from_block
 from finteam_kernels.router import capacity_keep
 
 GLU = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
@@ -190,40 +191,40 @@ def test_dropless_by_default():
     assert layer.capacity_factor is None and int(layer.router_stats.dropped) == 0
 
 
-IGNORE_ROUTER_LOGITS_WARNING = pytest.mark.filterwarnings("ignore:FinTeamMoE.from_hf. transformers' output_router_logits")
+IGNORE_ROUTER_LOGITS_WARNING = pytest.mark.filterwarnings("ignore:moe_from_block. transformers' output_router_logits")
 
 
 @IGNORE_ROUTER_LOGITS_WARNING
 @pytest.mark.parametrize("family", FAMILIES)
-def test_from_hf_shares_weights_and_matches_the_block(family):
+def test_moe_from_block_shares_weights_and_matches_the_block(family):
     block = moe_blocks(build(family, "eager"))[0]
-    layer = FinTeamMoE.from_hf(block)
+    layer = moe_from_block(block)
     for name, p in layer.named_parameters():
         assert p is block.get_parameter(name), f"{name} is not the block's own parameter"
     x = torch.randn(2, 7, block.gate.weight.shape[1])
     assert_runs_match(run(layer, layer, x), run(block, layer, x))
 
 
-def test_from_hf_warns_that_transformers_router_loss_will_not_see_it():
+def test_moe_from_block_warns_that_transformers_router_loss_will_not_see_it():
     block = moe_blocks(build("mixtral", "eager"))[0]  # hf_tiny's Mixtral sets output_router_logits
     with pytest.warns(UserWarning, match="router_aux_loss"):
-        FinTeamMoE.from_hf(block)
+        moe_from_block(block)
 
 
-def test_from_hf_refuses_what_it_cannot_compute():
+def test_moe_from_block_refuses_what_it_cannot_compute():
     block = moe_blocks(build("mixtral", "eager"))[0]
     block.jitter_noise = 0.1  # multiplicative noise on the input in training
     with pytest.raises(ValueError, match="jitter"):
-        FinTeamMoE.from_hf(block)
+        moe_from_block(block)
     with pytest.raises(ValueError, match=r"Linear is not supported; expected one of MixtralSparseMoeBlock"):
-        FinTeamMoE.from_hf(torch.nn.Linear(2, 2))
+        moe_from_block(torch.nn.Linear(2, 2))
 
 
 @IGNORE_ROUTER_LOGITS_WARNING
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_state_dicts_load_both_ways_with_transformers_blocks(family):
     block = moe_blocks(build(family, "eager"))[0]
-    twin = FinTeamMoE.from_hf(moe_blocks(build(family, "eager", seed=5))[0])
+    twin = moe_from_block(moe_blocks(build(family, "eager", seed=5))[0])
     twin.load_state_dict(block.state_dict())  # a block's state dict as it is (no expert_bias: zero)
     x = torch.randn(11, block.gate.weight.shape[1])
     with torch.no_grad():

@@ -1,0 +1,126 @@
+"""The package's layout as its architecture: no import circles, and the kernels stand alone.
+
+- Among the modules of finteam_kernels and finteam, imports (at the top of a module or inside a
+  function alike: a circle hidden in a function is still a circle) form no cycle.
+- finteam_kernels imports and runs a FinTeamMoE layer, forward and backward, with the pipeline's
+  packages (and transformers) unimportable, as in an install of the kernels alone.
+"""
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("finteam_kernels", "finteam")
+# What only the pipeline, the benchmarks or finteam_kernels.hf need (pyproject.toml's extras).
+NOT_FOR_THE_KERNELS = ("transformers", "datasets", "tokenizers", "safetensors", "matplotlib", "yaml", "tqdm",
+                       "pandas", "pytest")
+
+
+def modules() -> dict[str, str]:
+    """module name -> file, for every module of the packages."""
+    found = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)[:-3].replace(os.sep, ".")
+                found[rel.removesuffix(".__init__")] = os.path.join(folder, name)
+    return found
+
+
+def imports_of(name: str, path: str, known: dict[str, str]) -> set[str]:
+    """The package modules that module `name` imports, wherever in the file."""
+    is_package = path.endswith("__init__.py")
+    here = name if is_package else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            # `from pkg import module` imports the module; `from module import name` the module
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_among_the_modules():
+    known = modules()
+    graph = {}
+    for name, path in known.items():
+        # A package's __init__ gathers its modules' names (the public API): it imports its
+        # children, and a child importing `from . import x` goes through it, so edges to a
+        # package's own __init__ from inside it are not a circle of the code's design.
+        graph[name] = {t for t in imports_of(name, path, known) if not name.startswith(t + ".")}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_kernels_run_without_the_pipelines_packages():
+    script = textwrap.dedent(f"""
+        import sys
+        BLOCKED = {NOT_FOR_THE_KERNELS!r}
+        # None in sys.modules: `import name` raises ModuleNotFoundError, find_spec says absent.
+        sys.modules.update(dict.fromkeys(BLOCKED))
+        import torch
+        import finteam_kernels as fk
+        from finteam_kernels import FinTeamMoE, router_aux_loss, update_expert_bias
+
+        torch.manual_seed(0)
+        layer = FinTeamMoE(32, 64, 4, 2, backend="auto")
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        y = layer(x)
+        (y.square().mean() + router_aux_loss(layer)).backward()
+        update_expert_bias(layer)
+        assert y.shape == x.shape and x.grad is not None and torch.isfinite(x.grad).all()
+        loaded = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in BLOCKED and mod is not None)
+        assert not loaded, loaded
+        try:
+            import finteam_kernels.hf
+        except ModuleNotFoundError as err:
+            assert "transformers" in str(err), err
+        else:
+            raise AssertionError("finteam_kernels.hf imported without transformers")
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
