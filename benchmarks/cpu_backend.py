@@ -195,7 +195,7 @@ def main() -> None:
     quick = not args.full
     if args.threads:
         torch.set_num_threads(args.threads)
-    problem = _ext.load("cpu")
+    problem = _ext.load("cpu").problem
     if problem is not None:
         sys.exit(f"the compiled CPU backend is not usable here: {problem}")
     env = harness.environment("cpu", packages=("transformers",))

@@ -6,4 +6,14 @@ Stages (one module each; `finteam <stage>` runs one, `finteam run` runs all):
     data -> tokenizer -> pretrain -> assemble -> instruct -> evaluate, and generate.
 Recipes (YAML, typed by the dataclasses in `finteam.config`): tiny (default), smoke, llama3-8b.
 """
+import importlib.util
+
 __version__ = "0.1.0"
+
+# The kernels install alone (`pip install .`); the pipeline needs the `pipeline` extra.
+_NEEDS = {"yaml": "pyyaml", "datasets": "datasets", "tokenizers": "tokenizers", "safetensors": "safetensors",
+          "transformers": "transformers", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+_missing = [package for module, package in _NEEDS.items() if importlib.util.find_spec(module) is None]
+if _missing:
+    raise ImportError(f"the finteam pipeline needs {', '.join(_missing)}, which are not installed: "
+                      "pip install --no-build-isolation '.[pipeline]' (or 'finteam[pipeline]')")

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -55,26 +56,36 @@ def _not_built_reason(kind: str) -> str:
             f"compiler, then `pip install --no-build-isolation .`)")
 
 
+class Library(NamedTuple):
+    """What `load` found: the library's file (None when there is none) and, when it cannot be
+    used, why (None when it is loaded and usable)."""
+    path: str | None
+    problem: str | None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+
 @functools.cache
-def load(kind: str) -> str | None:
-    """Load the `kind` ("cpu" or "cuda") library; None on success, else why it is not usable."""
-    if kind == "cuda":
-        schemas = load("cpu")
-        if schemas is not None:
-            return f"the CUDA extension needs the op schemas of the CPU extension, which is unusable: {schemas}"
+def load(kind: str) -> Library:
+    """Load the `kind` ("cpu" or "cuda") library once; say whether it is usable, and if not, why."""
     path = library_path(kind)
+    if kind == "cuda" and not (cpu := load("cpu")).usable:
+        return Library(path, f"the CUDA extension needs the op schemas of the CPU extension, which is unusable: "
+                             f"{cpu.problem}")
     if path is None:
-        reason = _not_built_reason(kind)
+        problem = _not_built_reason(kind)
     else:
         try:
             torch.ops.load_library(path)
-            return None
+            return Library(path, None)
         except (OSError, RuntimeError) as err:
-            reason = f"the {kind} extension failed to load ({os.path.basename(path)}): {err}"
+            problem = f"the {kind} extension failed to load ({os.path.basename(path)}): {err}"
     if _expected(kind):
-        warnings.warn(f"finteam_kernels: {reason}; {kind} tensors run on the other backends "
+        warnings.warn(f"finteam_kernels: {problem}; {kind} tensors run on the other backends "
                       "(see `python -m finteam_kernels.info`)", RuntimeWarning, stacklevel=3)
-    return reason
+    return Library(path, problem)
 
 
 def has_kernel(kind: str, name: str) -> bool:
@@ -89,9 +100,9 @@ def why_missing(kind: str, op: str) -> str | None:
     """None when the `kind` library implements `op` (its `<op>_fwd` launcher, or `op` itself),
     else the reason it cannot run it. Asked on every op call, so cached: after `load(kind)` the
     answer cannot change."""
-    reason = load(kind)
-    if reason is not None:
-        return reason
+    library = load(kind)
+    if not library.usable:
+        return library.problem
     if not any(has_kernel(kind, name) for name in (op + "_fwd", op)):
         return f"the {kind} extension has no implementation of {op}"
     return None

@@ -35,7 +35,7 @@ def _cpu_name() -> str:
 
 def libraries() -> dict:
     """Per library: its file, and None if it loaded, else why it is not usable."""
-    return {kind: {"file": _ext.library_path(kind), "problem": _ext.load(kind)} for kind in _ext._LIBS}
+    return {kind: {"file": _ext.library_path(kind), "problem": _ext.load(kind).problem} for kind in _ext._LIBS}
 
 
 def usable(device: str) -> dict:

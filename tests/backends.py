@@ -10,6 +10,6 @@ def kernel_backends() -> list[str]:
     names = []
     if importlib.util.find_spec("triton") is not None:
         names.append("triton")
-    if _ext.load("cpu") is None:
+    if _ext.load("cpu").usable:
         names.append("cpu")
     return names
