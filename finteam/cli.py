@@ -8,11 +8,14 @@
 
 Every command takes --recipe NAME_OR_PATH, --set section.field=value (repeatable) and --force
 (rerun finished stages). Under `torchrun --nproc_per_node N finteam ...` training stages shard
-with FSDP2 across the N processes.
+with FSDP2 across the N processes. Commands that write take the run folder's lock first, so a
+second run into the same folder is turned away with the name of the one that holds it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +25,28 @@ from .config import ROLES, RecipeError, check_world, load_recipe
 STAGES = ("data", "tokenizer", "pretrain", "assemble", "instruct", "evaluate")
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a finite float >= 0 (0 is greedy decoding)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy); got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finteam", description="FinTeamExperts: role experts -> MoE -> instruction tuning -> evaluation")
     sub = ap.add_subparsers(dest="command", metavar="command")
@@ -29,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--recipe", default="tiny", help="recipe name (tiny, smoke, llama3-8b) or YAML path (default: tiny)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. pretrain.expert.steps=20")
     common.add_argument("--force", action="store_true", help="rerun stages that already finished")
-    common.add_argument("--seeds", type=int, default=1, help="repeat the training stages with this many seeds")
+    common.add_argument("--seeds", type=count, default=1, help="repeat the training stages with this many seeds")
     sub.add_parser("run", parents=[common], help="every stage, then the results table")
     sub.add_parser("check", parents=[common], help="check a recipe and print it")
     sub.add_parser("data", parents=[common], help="role corpora and instruction tasks")
@@ -44,8 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a checkpoint folder, or team|dense|merge|macro|micro|quant (the tuned model of seed 0)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--file", help="a text file with one prompt a line")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=count, default=48)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 (default): greedy; above 0: sampled")
     return ap
 
 
@@ -69,9 +94,43 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         return 0
+    from .checkpoint import RunLock, RunLocked
+
+    try:
+        lock = RunLock(run_folder(recipe.run_dir), " ".join(["finteam", *argv]))
+        with lock if _rank() == 0 else contextlib.nullcontext():  # torchrun's ranks are one run
+            return _run(command, args, recipe)
+    except (RecipeError, RunLocked) as err:
+        print(f"finteam {command}: {err}", file=sys.stderr)
+        return 2
+
+
+def run_folder(run: Path) -> Path:
+    """`run`, created, once it is known to be a writable folder (a RecipeError otherwise), so
+    that a bad out_dir stops the run before any work."""
+    existing = next(p for p in [run, *run.parents] if p.exists() or p == Path(p.anchor))
+    if existing.exists() and not existing.is_dir():
+        raise RecipeError(f"out_dir {str(run)!r}: {existing} is a file, not a folder")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".finteam-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RecipeError(f"out_dir {str(run)!r} cannot be written ({err.strerror or err})") from None
+    return run
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run(command: str, args, recipe) -> int:
+    from .checkpoint import CheckpointError
+    from .train import Diverged, Interrupted
+
     _init_distributed(recipe)
     from . import pipeline
-    from .train import Interrupted
 
     try:
         if command == "run":
@@ -96,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nfinteam {command}: interrupted; finished stages are kept, rerun to go on", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as err:
+    except (Diverged, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"finteam {command}: {err}", file=sys.stderr)
         return 1
     return 0
@@ -127,17 +186,38 @@ def _generate(args, recipe) -> int:
         print(f"finteam generate: --model {args.model!r} is neither a checkpoint folder nor a tuned model of {recipe.run_dir}",
               file=sys.stderr)
         return 2
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            print(f"finteam generate: --prompt number {i} is empty", file=sys.stderr)
+            return 2
     prompts = list(args.prompt)
     if args.file:
-        prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+        file = Path(args.file)
+        problem = ("does not exist" if not file.exists() else "is a folder, not a text file" if file.is_dir() else None)
+        if problem is None:
+            try:
+                lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as err:
+                lines, problem = [], f"cannot be read ({err})"
+            prompts += lines
+            if not lines and problem is None:
+                problem = "holds no prompt (one a line; blank lines are skipped)"
+        if problem:
+            print(f"finteam generate: --file {args.file!r} {problem}", file=sys.stderr)
+            return 2
     if not prompts:
         print("finteam generate: give --prompt or --file", file=sys.stderr)
         return 2
     experts = recipe.instruct.experts_implementation
     from .model import experts_available
 
-    for prompt, reply in zip(prompts, answer(path, prompts, args.max_new_tokens, args.temperature,
-                                             experts if experts_available(experts) is None else "eager")):
+    try:
+        replies = answer(path, prompts, args.max_new_tokens, args.temperature,
+                         experts if experts_available(experts) is None else "eager")
+    except ValueError as err:  # a checkpoint that fails its checksums, a budget past the positions
+        print(f"finteam generate: {err}", file=sys.stderr)
+        return 1
+    for prompt, reply in zip(prompts, replies):
         print(f"{prompt}\n>>> {reply}\n")
     return 0
 

@@ -4,11 +4,17 @@ A recipe is a YAML file whose sections mirror the dataclasses below (`data`, `to
 `model`, `pretrain`, `assemble`, `instruct`, `evaluate`); a field left out keeps its default.
 The named recipes live in `finteam/recipes/` (`tiny`, the default; `smoke`; `llama3-8b`), and
 `finteam <stage> --recipe NAME_OR_PATH --set section.field=value` reads one and overrides fields.
-Unknown fields, wrong types and missing input files are errors that name the recipe and the field.
+
+Every field declares what it accepts where it is declared (`setting(default, ge=..., gt=...,
+le=..., choices=..., check=...)`): `check_fields` walks the recipe and tests each value against
+its own declaration, and floats must also be finite. What spans several fields (top_k against
+the number of experts, the input files) is checked by `check`. Unknown fields, wrong types, values
+out of range and missing input files are errors that name the recipe and the field.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,20 +24,44 @@ import yaml
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 ROLES = ("macro", "micro", "quant")
+METRICS = ("classification", "entities", "numeric", "movement")
+BASELINES = ("dense", "experts", "merge")
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the recipe, the field and the problem."""
 
 
+def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, ge=None, gt=None, le=None, choices=None,
+            check=None, affects_results: bool = True):
+    """A recipe field and what it accepts: bounds `ge` (>=), `gt` (>), `le` (<=) for numbers;
+    `choices` (a tuple, or a function that returns one when the set lives elsewhere) for a string
+    or each item of a list; `check(value)` returning what was expected, or None when the value is
+    fine. `affects_results=False` marks how a run is carried out (device, logging, checkpoint
+    cadence) rather than what it computes: changing it never makes a finished stage stale."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, choices=choices, check=check).items() if v is not None}
+    meta["affects_results"] = affects_results
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "a non-empty string"
+
+
+def _experts_implementations() -> tuple[str, ...]:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ("finteam", "eager", *ALL_EXPERTS_FUNCTIONS.valid_keys())
+
+
 @dataclass
 class WorldConfig:
-    economies: int = 4  # fictional economies, each with a central bank that follows a rule
-    companies: int = 24  # fictional listed companies spread over the economies
-    quarters: int = 24  # simulated quarters (each with earnings and a rate decision)
-    days_per_quarter: int = 21  # trading days per quarter in the price simulation
-    docs_per_role: int = 3000  # documents written per role corpus
-    examples_per_task: int = 500  # instruction examples per task, before the split
+    economies: int = setting(4, ge=1, le=8)  # fictional economies (the world names 8), each with a central bank that follows a rule
+    companies: int = setting(24, ge=2)  # fictional listed companies spread over the economies (notes compare pairs)
+    quarters: int = setting(24, ge=3)  # simulated quarters (each with earnings and a rate decision)
+    days_per_quarter: int = setting(21, ge=13)  # trading days per quarter (results on day 4, rate decisions on day 12)
+    docs_per_role: int = setting(3000, ge=1)  # documents written per role corpus
+    examples_per_task: int = setting(500, ge=10)  # instruction examples per task, before the 80/10/10 split
 
 
 @dataclass
@@ -40,52 +70,52 @@ class InstructionSource:
     train: str = ""  # conversation JSONL (FinBen `conversations` or OpenAI `messages` form)
     valid: str = ""  # optional; held out for early checks
     test: str = ""  # scored by `evaluate`
-    metric: str = "classification"  # classification | entities | numeric | movement
+    metric: str = setting("classification", choices=METRICS)
     choices: list[str] = field(default_factory=list)  # label set; empty: the answers seen in train
-    role: str = ""  # which role's knowledge the task leans on (for the routing table); may be empty
+    role: str = setting("", choices=("", *ROLES))  # which role's knowledge the task leans on (for the routing table)
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic (the embedded world, offline) | files
+    source: str = setting("synthetic", choices=("synthetic", "files"))  # synthetic (the embedded world, offline) | files
     world: WorldConfig = field(default_factory=WorldConfig)
     # source=files: per role, a list of local .txt/.jsonl/.json/.parquet files or folders, or
     # `hf:NAME[:CONFIG][@SPLIT]` for a Hugging Face dataset read through `datasets`.
     corpora: dict[str, list[str]] = field(default_factory=dict)
-    text_field: str = "text"  # the column that holds a document in JSONL/Parquet/HF sources
+    text_field: str = setting("text", check=_nonempty)  # the column that holds a document in JSONL/Parquet/HF sources
     instructions: list[InstructionSource] = field(default_factory=list)
     # Instruction files replace the synthetic world's tasks; true keeps both.
     keep_synthetic_tasks: bool = False
-    router_prompts: int = 64  # documents per role fed through the base model for router init
+    router_prompts: int = setting(64, ge=1)  # documents per role fed through the base model for router init
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"  # bpe: train a byte-level BPE on the corpora | base: the base model's own
-    vocab_size: int = 2048  # BPE vocabulary size (kind=bpe)
+    kind: str = setting("bpe", choices=("bpe", "base"))  # bpe: train a byte-level BPE on the corpora | base: the base model's own
+    vocab_size: int = setting(2048, ge=258)  # BPE vocabulary size (kind=bpe): at least the 256 bytes and 2 special tokens
 
 
 @dataclass
 class ModelConfig:
     # A named size (see finteam/model.py: smoke, tiny, llama3-8b) initialised from scratch and
-    # trained on the mixed corpora, or a path to a transformers Llama checkpoint to start from.
-    base: str = "tiny"
-    seq_len: int = 128  # tokens per packed training sequence
-    gradient_checkpointing: bool = False  # recompute activations in backward (large models)
+    # trained on the mixed corpora, or a folder holding a transformers Llama checkpoint to start from.
+    base: str = setting("tiny", check=_nonempty)
+    seq_len: int = setting(128, ge=16)  # tokens per packed training sequence
+    gradient_checkpointing: bool = setting(False, affects_results=False)  # recompute activations in backward (large models)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    warmup: int = 10  # linear warm-up steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    save_every: int = 50  # checkpoint every N steps (and on Ctrl-C and at the end)
-    log_every: int = 10  # a log line every N steps
+    steps: int = setting(100, ge=1)  # optimizer steps
+    batch_size: int = setting(16, ge=1)  # sequences per micro-batch per process
+    grad_accum: int = setting(1, ge=1)  # micro-batches per optimizer step
+    lr: float = setting(3e-3, gt=0)  # peak learning rate (AdamW)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # the cosine decays to lr * min_lr_ratio
+    warmup: int = setting(10, ge=0)  # linear warm-up steps
+    weight_decay: float = setting(0.1, ge=0)
+    grad_clip: float = setting(1.0, ge=0)  # max global grad norm; 0 disables clipping
+    save_every: int = setting(50, ge=1, affects_results=False)  # checkpoint every N steps (and on Ctrl-C and at the end)
+    log_every: int = setting(10, ge=1, affects_results=False)  # a log line every N steps
 
 
 @dataclass
@@ -96,53 +126,54 @@ class PretrainConfig:
 
 @dataclass
 class AssembleConfig:
-    top_k: int = 2  # experts per token
+    top_k: int = setting(2, ge=1)  # experts per token (at most the team's experts)
     base_expert: bool = False  # also add the base model's FFN as one more expert
-    shared: str = "average"  # attention/norms/embeddings: average (of the experts) | base
-    router_init: str = "hidden"  # hidden | embed | random
-    router_scale: float = 4.0  # norm of each router row for hidden/embed init (logit sharpness)
-    router_aux_loss_coef: float = 0.02  # weight of transformers' load-balancing loss
+    shared: str = setting("average", choices=("average", "base"))  # attention/norms/embeddings: average (of the experts) | base
+    router_init: str = setting("hidden", choices=("hidden", "embed", "random"))
+    router_scale: float = setting(4.0, gt=0)  # norm of each router row for hidden/embed init (logit sharpness)
+    router_aux_loss_coef: float = setting(0.02, ge=0)  # weight of transformers' load-balancing loss
 
 
 @dataclass
 class InstructConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainable: str = "all"  # all | router | router+attention
-    max_len: int = 192  # longest prompt+answer kept (longer prompts are cut from the left)
+    trainable: str = setting("all", choices=("all", "router", "router+attention"))
+    max_len: int = setting(192, ge=16)  # longest prompt+answer kept (longer prompts are cut from the left)
     # How transformers runs the MoE experts: "finteam" (our kernels) or a transformers name
     # such as "eager". "finteam" needs finteam_kernels.hf.
-    experts_implementation: str = "finteam"
+    experts_implementation: str = setting("finteam", choices=_experts_implementations)
 
 
 @dataclass
 class EvaluateConfig:
-    max_examples: int = 200  # test examples scored per task
-    batch_size: int = 32
-    max_new_tokens: int = 24  # generation budget for entity and numeric answers
-    numeric_tolerance: float = 0.01  # relative tolerance of a numeric exact match
+    max_examples: int = setting(200, ge=1)  # test examples scored per task
+    batch_size: int = setting(32, ge=1)
+    max_new_tokens: int = setting(24, ge=1)  # generation budget for entity and numeric answers
+    numeric_tolerance: float = setting(0.01, ge=0)  # relative tolerance of a numeric exact match
     throughput: bool = True  # measure training/prefill/decode tokens/s, eager vs finteam experts
-    throughput_batch: int = 8
-    throughput_seq_len: int = 128
-    baselines: list[str] = field(default_factory=lambda: ["dense", "experts", "merge"])
+    throughput_batch: int = setting(8, ge=1)
+    throughput_seq_len: int = setting(128, ge=2)
+    baselines: list[str] = setting(factory=lambda: list(BASELINES), choices=BASELINES)
 
 
 @dataclass
 class DistributedConfig:
     # Under torchrun every stage that trains shards with FSDP2 (fully_shard) across processes.
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    backend: str = setting("auto", choices=("auto", "nccl", "gloo"), affects_results=False)  # auto: nccl on CUDA, gloo on CPU
     # Instruction tuning of the team: each layer's experts split over groups of this many
     # processes (expert parallelism, see finteam/expert_parallel.py); 1: FSDP2 shards them like the rest.
     # Must divide the team's expert count and the number of processes.
-    expert_parallel: int = 1
+    expert_parallel: int = setting(1, ge=1, affects_results=False)
 
 
 @dataclass
 class Recipe:
-    name: str = "tiny"
-    seed: int = 0
-    out_dir: str = "runs/{name}"  # where every stage writes; {name} is the recipe name
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU: measured faster) | fp32 | bf16
+    name: str = setting("tiny", check=_nonempty, affects_results=False)
+    seed: int = setting(0, ge=0)
+    out_dir: str = setting("runs/{name}", check=_nonempty, affects_results=False)  # where every stage writes; {name} is the recipe name
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"), affects_results=False)
+    # auto: bf16 autocast on CUDA, fp32 on CPU (measured faster) | fp32 | bf16
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16"))
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,23 +191,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "precision": ("auto", "fp32", "bf16"),
-    "data.source": ("synthetic", "files"),
-    "tokenizer.kind": ("bpe", "base"),
-    "assemble.shared": ("average", "base"),
-    "assemble.router_init": ("hidden", "embed", "random"),
-    "instruct.trainable": ("all", "router", "router+attention"),
-    "distributed.backend": ("auto", "nccl", "gloo"),
-}
-METRICS = ("classification", "entities", "numeric", "movement")
-
-
 def recipe_path(name_or_path: str) -> Path:
     """A named recipe (`tiny`) or a YAML path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
+        if path.is_dir():
+            raise RecipeError(f"recipe {str(path)!r} is a folder; expected a YAML file")
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return path
@@ -187,17 +207,52 @@ def recipe_path(name_or_path: str) -> Path:
     return named
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last value, so a duplicated field silently overrides the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {lines[key] + 1})", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text, or a RecipeError naming `where` and, for syntax errors, the line and column."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{where}{at}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML ({err})") from None
+
+
 def load_recipe(name_or_path: str = "tiny", overrides: list[str] | None = None, check_inputs: bool = True) -> Recipe:
     """Read, override (`section.field=value`, the value parsed as YAML) and check a recipe;
     `check_inputs=False` skips the existence of the input files (to read a recipe meant for
     another machine)."""
     path = recipe_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe {path}: cannot be read ({err})") from None
+    raw = parse_yaml(text, f"recipe {path}")
+    if raw is None:
+        raise RecipeError(f"recipe {path} is empty; a recipe needs at least `name:` (see finteam/recipes/tiny.yaml)")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path}: expected a mapping at the top level; got {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise RecipeError(f"--set {item!r}: expected section.field=value")
         node = raw
         *parents, leaf = key.split(".")
@@ -205,7 +260,7 @@ def load_recipe(name_or_path: str = "tiny", overrides: list[str] | None = None, 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value, f"--set {item!r}")
     recipe = _build(Recipe, raw, where=str(path), prefix="")
     check(recipe, where=str(path), check_inputs=check_inputs)
     return recipe
@@ -216,7 +271,7 @@ def _build(cls, raw, where: str, prefix: str):
         raise RecipeError(f"recipe {where}: {prefix.rstrip('.') or 'top level'} must be a mapping; got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(map(str, raw)) - names)
     if unknown:
         raise RecipeError(
             f"recipe {where}: unknown field '{prefix}{unknown[0]}'; {cls.__name__} has {', '.join(sorted(names))}"
@@ -250,39 +305,54 @@ def _convert(hint, value, where: str, key: str):
     return value
 
 
+def expectation(spec: typing.Mapping, value) -> str | None:
+    """What a field declared with `spec` (its `setting` metadata) expects, when `value` is not
+    that; None when it is."""
+    if "choices" in spec:
+        allowed = spec["choices"]() if callable(spec["choices"]) else spec["choices"]
+        if value not in allowed:
+            return "one of " + ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        bounds = [f"{op} {spec[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in spec]
+        inside = spec.get("ge", -math.inf) <= value <= spec.get("le", math.inf) and value > spec.get("gt", -math.inf)
+        if not (inside and math.isfinite(value)):
+            return " and ".join(bounds + ["finite"] * isinstance(value, float)) or "finite"
+    if "check" in spec:
+        return spec["check"](value)
+    return None
+
+
+def check_fields(config, where: str, prefix: str = "") -> None:
+    """Every field of `config` (a recipe or a section, recursively) against its declaration."""
+    for f in dataclasses.fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for name, item in items:
+            if dataclasses.is_dataclass(item):
+                check_fields(item, where, name + ".")
+                continue
+            expected = expectation(f.metadata, item)
+            if expected is not None:
+                raise RecipeError(f"recipe {where}: {name} must be {expected}; got {item!r}")
+
+
 def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
     """Every check that can be made without reading data, so a bad recipe fails before any work."""
-    for key, allowed in CHOICES.items():
-        value = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise RecipeError(f"recipe {where}: {key} must be one of {', '.join(allowed)}; got {value!r}")
-    for section, cfg in (
-        ("pretrain.base", recipe.pretrain.base),
-        ("pretrain.expert", recipe.pretrain.expert),
-        ("instruct.train", recipe.instruct.train),
-    ):
-        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise RecipeError(f"recipe {where}: {section}.{name} must be >= 1; got {getattr(cfg, name)}")
-        if cfg.lr <= 0:
-            raise RecipeError(f"recipe {where}: {section}.lr must be > 0; got {cfg.lr}")
+    check_fields(recipe, where)
     experts = len(ROLES) + recipe.assemble.base_expert
-    if not 1 <= recipe.assemble.top_k <= experts:
+    if recipe.assemble.top_k > experts:
         raise RecipeError(f"recipe {where}: assemble.top_k must be in 1..{experts} (the experts); got {recipe.assemble.top_k}")
-    unknown = set(recipe.evaluate.baselines) - {"dense", "experts", "merge"}
-    if unknown:
-        raise RecipeError(f"recipe {where}: evaluate.baselines may hold dense, experts, merge; got {sorted(unknown)}")
     ep = recipe.distributed.expert_parallel
-    if ep < 1 or experts % ep:
+    if experts % ep:
         raise RecipeError(f"recipe {where}: distributed.expert_parallel must be >= 1 and divide the team's {experts} experts "
                           f"({len(ROLES)} roles{' + the base' * recipe.assemble.base_expert}); got {ep}")
     if ep > 1 and recipe.instruct.experts_implementation != "finteam":
         raise RecipeError(f"recipe {where}: distributed.expert_parallel > 1 runs the experts on finteam_kernels, so "
                           f"instruct.experts_implementation must be 'finteam'; got {recipe.instruct.experts_implementation!r}")
-    if recipe.model.seq_len < 16:
-        raise RecipeError(f"recipe {where}: model.seq_len must be >= 16; got {recipe.model.seq_len}")
+    named = is_named_size(recipe.model.base)
+    if recipe.tokenizer.kind == "base" and named:
+        raise RecipeError(f"recipe {where}: tokenizer.kind 'base' takes the tokenizer of a checkpoint folder, but model.base "
+                          f"is the named size {recipe.model.base!r}; use tokenizer.kind 'bpe' or a checkpoint folder")
     data = recipe.data
     if data.source == "files":
         missing_roles = [r for r in ROLES if not data.corpora.get(r)]
@@ -294,13 +364,35 @@ def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
     for i, task in enumerate(data.instructions):
         if not task.name or not task.train or not task.test:
             raise RecipeError(f"recipe {where}: data.instructions[{i}] needs name, train and test")
-        if task.metric not in METRICS:
-            raise RecipeError(
-                f"recipe {where}: data.instructions[{i}].metric must be one of {', '.join(METRICS)}; got {task.metric!r}"
-            )
-    for path, key in input_files(recipe) if check_inputs else []:
-        if not Path(path).exists():
-            raise RecipeError(f"recipe {where}: {key} names {path!r}, which does not exist")
+    for path, key, kind in input_files(recipe) if check_inputs else []:
+        problem = _input_problem(Path(path), kind)
+        if problem:
+            raise RecipeError(f"recipe {where}: {key} names {path!r}, which {problem}")
+
+
+def is_named_size(base: str) -> bool:
+    from .model import SIZES
+
+    return base in SIZES
+
+
+def _input_problem(path: Path, kind: str) -> str | None:
+    """Why `path` cannot serve as an input of `kind` (file, corpus, checkpoint), or None."""
+    if kind == "checkpoint":
+        from .model import SIZES
+
+        if not (path / "config.json").is_file():
+            return (f"is neither a named size ({', '.join(SIZES)}) nor a checkpoint folder (a folder with config.json): "
+                    + ("it has no config.json" if path.is_dir() else "it does not exist" if not path.exists() else "it is a file"))
+        return None
+    if not path.exists():
+        return "does not exist"
+    if kind == "file":
+        if path.is_dir():
+            return "is a folder; expected a JSONL file"
+        if path.stat().st_size == 0:
+            return "is empty"
+    return None
 
 
 def check_world(recipe: Recipe, world_size: int) -> None:
@@ -311,15 +403,16 @@ def check_world(recipe: Recipe, world_size: int) -> None:
                           f"(torchrun --nproc_per_node times nodes); expert_parallel is {ep}, got {world_size} process(es)")
 
 
-def input_files(recipe: Recipe) -> list[tuple[str, str]]:
-    """(path, recipe field) of every local input the recipe names (hub names excluded)."""
+def input_files(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(path, recipe field, kind) of every local input the recipe names (hub names excluded);
+    kind is `corpus` (a file or a folder), `file` or `checkpoint` (a folder with config.json)."""
     found = []
     if recipe.data.source == "files":
         for role, specs in recipe.data.corpora.items():
-            found += [(s, f"data.corpora.{role}") for s in specs if not s.startswith("hf:")]
+            found += [(s, f"data.corpora.{role}", "corpus") for s in specs if not s.startswith("hf:")]
     for i, task in enumerate(recipe.data.instructions):
-        found += [(p, f"data.instructions[{i}].{k}") for k, p in (("train", task.train), ("valid", task.valid), ("test", task.test)) if p]
-    base = recipe.model.base
-    if "/" in base or base.startswith("."):
-        found.append((base, "model.base"))
+        found += [(p, f"data.instructions[{i}].{k}", "file")
+                  for k, p in (("train", task.train), ("valid", task.valid), ("test", task.test)) if p]
+    if not is_named_size(recipe.model.base):
+        found.append((recipe.model.base, "model.base", "checkpoint"))
     return found

@@ -37,6 +37,8 @@ class Example:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; expected a JSONL file (one JSON object a line)")
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -51,13 +53,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def conversation_example(row: dict, task: str, where: str) -> Example:
     """An Example from one row in the FinBen `conversations` or the OpenAI `messages` form.
     Multi-turn prompts keep the earlier turns, each on its own line."""
-    if "conversations" in row:
-        turns = [(t.get("from"), t.get("value")) for t in row["conversations"]]
-    elif "messages" in row:
-        turns = [(t.get("role"), t.get("content")) for t in row["messages"]]
-    else:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'conversations' or 'messages' list; got {_short(row)}")
+    forms = {"conversations": ("from", "value"), "messages": ("role", "content")}
+    form = next((f for f in forms if f in row), None)
+    if form is None:
         raise ValueError(f"{where}: expected a 'conversations' (from/value) or 'messages' (role/content) list; "
                          f"got keys {sorted(row)}")
+    who, what = forms[form]
+    if not isinstance(row[form], list) or not all(isinstance(t, dict) for t in row[form]):
+        raise ValueError(f"{where}: '{form}' must be a list of objects with '{who}' and '{what}'; got {_short(row[form])}")
+    turns = [(t.get(who), t.get(what)) for t in row[form]]
     if not turns or turns[-1][0] not in ANSWER_ROLES:
         raise ValueError(f"{where}: the last turn must be the answer (one of {sorted(ANSWER_ROLES)}); "
                          f"got {turns[-1][0] if turns else 'no turns'!r}")
@@ -66,6 +72,11 @@ def conversation_example(row: dict, task: str, where: str) -> Example:
             raise ValueError(f"{where}: a turn needs a known speaker and text; got {speaker!r}: {text!r}")
     prompt = "\n".join(text for _, text in turns[:-1])
     return Example(str(row.get("id", where)), row.get("task", task), prompt, turns[-1][1].strip())
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_conversations(path: str | Path, task: str = "") -> list[Example]:
@@ -177,6 +188,7 @@ def run(recipe: Recipe, out: Path) -> dict:
         for split, rows in file_splits.items():
             splits[split] += rows
         meta.update(file_meta)
+    check_tasks(splits, meta, cfg)
     for role in ROLES:
         if not corpora[role]:
             raise ValueError(f"data: the {role} corpus is empty")
@@ -188,6 +200,20 @@ def run(recipe: Recipe, out: Path) -> dict:
     counts = {split: len(rows) for split, rows in splits.items()}
     log(f"data  tasks {', '.join(meta)}  train/valid/test {counts['train']}/{counts['valid']}/{counts['test']}")
     return {"corpora": {r: len(corpora[r]) for r in ROLES}, "tasks": counts}
+
+
+def check_tasks(splits: dict[str, list[dict]], meta: dict, cfg: DataConfig) -> None:
+    """Every task needs training and test examples; found here, before any training, rather
+    than as an empty results table at the end."""
+    files = {source.name: source for source in cfg.instructions}
+    for task in meta:
+        for split in ("train", "test"):
+            if not any(r["task"] == task for r in splits[split]):
+                source = files.get(task)
+                later = " once rows also in valid or test are removed" if split == "train" else ""
+                where = (f"{getattr(source, split)!r} holds none{later}" if source
+                         else "the synthetic world made too few: raise data.world.examples_per_task")
+                raise ValueError(f"data: task {task!r} has no {split} examples ({where})")
 
 
 def load_corpus(data_dir: Path, role: str) -> list[str]:

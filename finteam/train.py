@@ -16,6 +16,11 @@ team with `distributed.expert_parallel` > 1).
 
 Resume: `<out>/checkpoints/latest` (see checkpoint.py) holds weights, optimizer, scheduler,
 RNG and step. Ctrl-C finishes the current step, saves, and exits (a second Ctrl-C aborts).
+
+Divergence: a non-finite loss or gradient norm (on any rank) stops training before the
+optimizer step, so the weights, the optimizer and the last checkpoint stay as they were; the
+weights are also checked before each save. `Diverged` names the stage and the step, and the
+stage is never marked finished.
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ class Interrupted(SystemExit):
     def __init__(self, message: str):
         super().__init__(130)
         self.message = message
+
+
+class Diverged(RuntimeError):
+    """Training met a non-finite loss, gradient or weight; nothing non-finite was saved."""
 
 
 @dataclass
@@ -175,6 +184,9 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
         log(f"{label}  resuming at step {trained.steps}/{cfg.steps}")
 
     def save(step: int) -> None:
+        if not _finite_on_all_ranks([p for p in model.parameters()], device):
+            raise Diverged(f"{label}: the weights are not finite after step {step}/{cfg.steps}; not saved. "
+                           + _kept(ckpt_dir, cfg))
         weights, opt_state = parallel.state(model, opt)
         trainer = {"step": step, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                    "tokens": trained.tokens, "seconds": trained.seconds, "losses": [list(x) for x in trained.losses]}
@@ -206,8 +218,12 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
                 loss.backward()
                 total += loss.item()
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            if cfg.grad_clip > 0:
-                parallel.clip(model, cfg.grad_clip)
+            # With clipping off, a limit of inf still gives the norm (and scales by exactly 1).
+            norm = parallel.clip(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not _finite_on_all_ranks([total, norm], device):
+                raise Diverged(f"{label}: non-finite loss or gradient at step {step}/{cfg.steps} (here: loss {total:.4g}, "
+                               f"gradient norm {float(_local(norm)):.4g}); stopped before the optimizer step. "
+                               + _kept(ckpt_dir, cfg))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -221,11 +237,45 @@ def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, dev
                                   "Run the same command again to resume.")
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save(step)
+        if not _finite_on_all_ranks([p for p in model.parameters()], device):
+            raise Diverged(f"{label}: the weights are not finite after the last step {cfg.steps}; not saved. "
+                           + _kept(ckpt_dir, cfg))
     finally:
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return trained
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _finite_on_all_ranks(values: list, device: torch.device) -> bool:
+    """Whether every float and tensor in `values` is finite on every rank (one small
+    all-reduce under torchrun, so that all ranks stop together)."""
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            finite &= torch.isfinite(_local(v).detach()).all().to(device)
+        elif not math.isfinite(v):
+            finite = torch.zeros_like(finite)
+    if rank_and_size()[1] > 1:
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    return bool(finite)
+
+
+def _kept(ckpt_dir: Path, cfg: TrainConfig) -> str:
+    """Where the stage stands after a divergence: not finished, the last checkpoint untouched."""
+    latest = ckpt_dir / "latest"
+    kept = (f"The last good checkpoint, {latest.resolve().name}, is kept in {ckpt_dir}" if latest.exists()
+            else f"No checkpoint was saved yet (one every {cfg.save_every} steps)")
+    return (f"{kept}; the stage is not marked finished. Lower the learning rate or raise the warm-up "
+            "for this stage, then rerun (changed settings start the stage over).")
 
 
 def _main_thread() -> bool:
