@@ -1,9 +1,20 @@
-"""The results table: every model's headline metric per task, mean and spread over seeds."""
+"""The results table: every model's headline metric per task over seeds, with 95% intervals,
+the team's paired differences from every baseline, collapsed models flagged, the label prior
+(majority class), how specialised the team's routing is, and the compute behind each model.
+
+Intervals and paired differences come from stats.py (a paired bootstrap over test items and
+seeds). A model is flagged collapsed on a label task when one answer covers more than
+`COLLAPSE` of the items: it has stopped reading the input, whatever its score.
+"""
 from __future__ import annotations
 
 import statistics
 
-from .metrics import HEADLINE
+import torch
+
+from .metrics import HEADLINE, top_answer
+
+COLLAPSE = 0.9
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -28,7 +39,95 @@ def cell(c: dict) -> str:
     return f"{c['mean']:.3f} ± {c['std']:.3f}" if len(c["values"]) > 1 else f"{c['mean']:.3f}"
 
 
-def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, expert_names: list[str], notes: list[str]) -> str:
+def collapsed(predictions: dict, meta: dict) -> dict:
+    """{model: {task: [(seed, answer, share)]}} for every label task and seed where one answer
+    covers more than COLLAPSE of the items. `predictions`: {model: [{task: answers}] per seed}."""
+    out: dict = {}
+    for model, per_seed in predictions.items():
+        for k, answers in enumerate(per_seed):
+            for task, pred in answers.items():
+                answer, share = top_answer(pred)
+                if meta[task]["choices"] and share > COLLAPSE:
+                    out.setdefault(model, {}).setdefault(task, []).append((k, answer, share))
+    return out
+
+
+def routing_specialisation(routing_LE: dict, meta: dict, expert_names: list[str]) -> dict:
+    """Per task: `distance`, the total-variation distance of each layer's expert shares from
+    uniform (0: uniform; 1 - K/E at most, with K distinct experts per token), averaged over
+    layers; `role_share`, the share of the expert of the task's role (mean over layers); `top`,
+    the expert with the largest mean share; `role_top`, whether that is the role's expert."""
+    out = {}
+    for task, rows in routing_LE.items():
+        shares_LE = torch.tensor(rows, dtype=torch.float64)
+        uniform = 1.0 / shares_LE.shape[1]
+        mean_E = shares_LE.mean(0)
+        role = meta.get(task, {}).get("role", "")
+        top = expert_names[int(mean_E.argmax())]
+        out[task] = {"distance": float(0.5 * (shares_LE - uniform).abs().sum(1).mean()),
+                     "role": role, "top": top, "role_top": bool(role) and top == role,
+                     "role_share": float(mean_E[expert_names.index(role)]) if role in expert_names else None}
+    return out
+
+
+def interval(c: dict, digits: int = 3) -> str:
+    return f"{c['value']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
+
+
+def interval_table(summary: dict, meta: dict, flags: dict, majority: dict) -> str:
+    """Every model's headline score per task and its mean, each with its 95% interval; † marks
+    a collapsed model; the last row is the majority-class score of each label task."""
+    tasks = list(meta)
+    seeds = summary["seeds"]
+    lines = ["| model | " + " | ".join(f"{t} ({HEADLINE[meta[t]['metric']]})" for t in tasks) + " | mean |"
+             + " mean per seed |" * (seeds > 1),
+             "|---|" + "---|" * (len(tasks) + 1 + (seeds > 1))]
+    for model, cells in summary["scores"].items():
+        row = [interval(cells[t]) + " †" * (t in flags.get(model, {})) for t in tasks]
+        row.append(interval(cells["mean"]))
+        if seeds > 1:
+            row.append(", ".join(f"{v:.3f}" for v in cells["mean"]["seeds"]))
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    if majority:
+        lines.append("| majority class | " + " | ".join(f"{majority[t]:.3f}" if t in majority else "-" for t in tasks)
+                     + " | - |" + " |" * (seeds > 1))
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict, meta: dict, reference: str) -> str:
+    tasks = list(meta)
+    lines = [f"| {reference} minus | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for model, cells in summary["paired"].items():
+        def mark(c):
+            return " ✓" if c["low"] > 0 else " ✗" if c["high"] < 0 else ""
+        lines.append(f"| {model} | " + " | ".join(interval(cells[t]) + mark(cells[t]) for t in [*tasks, "mean"]) + " |")
+    return "\n".join(lines)
+
+
+def specialisation_table(per_seed: list[dict]) -> str:
+    """One row per task: the role, then per seed distance from uniform, the role expert's share
+    and the top expert (* when it is the role's)."""
+    tasks = list(per_seed[0])
+    head = "| task | role | " + " | ".join(f"seed {k}: distance, role share, top" for k in range(len(per_seed))) + " |"
+    lines = [head, "|---|---|" + "---|" * len(per_seed)]
+    for t in tasks:
+        cells = []
+        for spec in per_seed:
+            c = spec[t]
+            share = "-" if c["role_share"] is None else f"{c['role_share']:.2f}"
+            cells.append(f"{c['distance']:.3f}, {share}, {c['top']}{' *' * c['role_top']}")
+        lines.append(f"| {t} | {per_seed[0][t]['role'] or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compute_table(compute: dict) -> str:
+    lines = ["| model | training tokens | training FLOPs |", "|---|---|---|"]
+    lines += [f"| {m} | {c['tokens'] / 1e6:.2f}M | {c['flops']:.3g} |" for m, c in compute.items()]
+    return "\n".join(lines)
+
+
+def spread_table(summary: dict, meta: dict) -> str:
+    """Every model's headline score per task: mean ± sample spread over seeds, and the mean."""
     tasks = list(meta)
     lines = ["| model | " + " | ".join(f"{t} ({HEADLINE[meta[t]['metric']]})" for t in tasks) + " | mean |",
              "|---|" + "---|" * (len(tasks) + 1)]
@@ -40,6 +139,25 @@ def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, ex
             if c:
                 means.append(c["mean"])
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {statistics.fmean(means):.3f} |")
+    return "\n".join(lines)
+
+
+def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, expert_names: list[str], notes: list[str],
+             *, intervals: dict | None = None, flags: dict | None = None, majority: dict | None = None,
+             specialisation: list[dict] | None = None, compute: dict | None = None, reference: str = "team (MoE)") -> str:
+    """The whole results section. Without `intervals` the main table shows mean ± sample spread
+    over seeds; with them (stats.summarise), each score's 95% interval, the paired differences
+    of `reference` from every other model, and the optional sections given."""
+    tasks = list(meta)
+    if intervals:
+        lines = [interval_table(intervals, meta, flags or {}), "", f"Paired differences, {reference} minus each model "
+                 "(95% interval; ✓ the team is ahead, ✗ behind, interval excluding zero):", "",
+                 paired_table(intervals, meta, reference)]
+    else:
+        lines = [spread_table(summary, meta)]
+    if flags:
+        lines += ["", "† collapsed (one answer to more than 90% of a label task's items): " + "; ".join(
+            f"{m} {t} seed {k} '{a}' {share:.0%}" for m, ts in flags.items() for t, hits in ts.items() for k, a, share in hits) + "."]
     extra = []
     for model, scores in summary.items():
         for t in tasks:
@@ -53,6 +171,13 @@ def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, ex
         text += "\n\nRouting of the tuned team (share of top-k assignments, mean over layers):\n\n"
         text += "| task | " + " | ".join(expert_names) + " |\n|---|" + "---|" * len(expert_names) + "\n"
         text += "\n".join(f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for t, row in routing_mean.items())
+    if specialisation:
+        text += ("\n\nRouting specialisation of the tuned team per seed (distance: total variation from uniform, "
+                 "mean over layers; role share: the task's role expert; * the top expert is the role's):\n\n")
+        text += specialisation_table(specialisation)
+    if compute:
+        text += "\n\nCompute behind each tuned model (every training stage of its lineage; 6 x active parameters x tokens):\n\n"
+        text += compute_table(compute)
     if throughput:
         text += "\n\nThroughput (tokens/s, this machine):\n\n| model | train | prefill | decode |\n|---|---|---|---|\n"
         for name, row in throughput.items():
