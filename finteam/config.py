@@ -395,6 +395,32 @@ def _input_problem(path: Path, kind: str) -> str | None:
     return None
 
 
+def settings_of(recipe: Recipe, needs: typing.Iterable[str] | None = None) -> dict:
+    """The fields under each dotted name in `needs` (a section, such as `pretrain.base`, or one
+    field; None: the whole recipe) that change what a stage computes, flattened to
+    {"pretrain.base.lr": 0.003, ...}: what a stage's fingerprint is made of. Fields declared
+    with `affects_results=False` are left out."""
+    out: dict = {}
+
+    def walk(value, spec, key):
+        if not spec.get("affects_results", True):
+            return
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f.metadata, f"{key}.{f.name}" if key else f.name)
+        else:
+            out[key] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] \
+                if isinstance(value, list) else value
+
+    for name in [""] if needs is None else needs:
+        value, spec = recipe, {}
+        for part in name.split(".") if name else []:
+            spec = {f.name: f for f in dataclasses.fields(value)}[part].metadata
+            value = getattr(value, part)
+        walk(value, spec, name)
+    return out
+
+
 def check_world(recipe: Recipe, world_size: int) -> None:
     """What needs the number of processes (known under torchrun, not when the recipe is read)."""
     ep = recipe.distributed.expert_parallel

@@ -12,11 +12,21 @@ Layout of a run (`<out_dir>`, default `runs/<recipe name>/`):
   seed<K>/eval/results.json                per-model scores, routing
   results.json  results.md  routing.png    over all seeds
 
-Each stage folder gets `finteam.json` when it finishes (recipe, code version, summary); a rerun
-skips it unless `--force`. Interrupted training resumes from the stage's `checkpoints/`.
+Each stage folder gets `finteam.json` (recipe, code version, summary, and the stage's
+fingerprint). Like a build tool, a rerun skips a finished stage only when its fingerprint still
+matches: a hash of the recipe fields the stage reads (`needs`, flattened by
+`config.settings_of`; fields that only say how to run, such as `device` or `save_every`, are
+left out) and of the fingerprints of the stage folders it reads (`inputs`). A changed setting
+so reruns the stages it affects and every stage after them, and nothing else. A stage whose
+inputs were made with other settings (`finteam evaluate` after changing `pretrain.*`) is
+refused with the difference, rather than run on models that never saw the recipe's values.
+`--force` reruns regardless. Interrupted training resumes from the stage's `checkpoints/`
+when the fingerprint is unchanged, and starts over otherwise.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +39,7 @@ from . import assemble, data, evaluate, instruct, pretrain, report
 from . import model as models
 from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
-from .config import ROLES, Recipe
+from .config import ROLES, Recipe, settings_of
 from .progress import duration, log
 from .train import rank_and_size
 
@@ -68,27 +78,108 @@ def device_of(recipe: Recipe) -> torch.device:
     return torch.device("cpu")
 
 
-def stage(label: str, out: Path, recipe: Recipe, force: bool, fn) -> dict:
-    """Run `fn` unless `out` already finished; mark it finished."""
+def stage(label: str, out: Path, recipe: Recipe, force: bool, fn, needs: tuple[str, ...] | None = None,
+          inputs: tuple[Path, ...] = ()) -> dict:
+    """Run `fn` unless `out` finished with the fingerprint it would have now; mark it finished.
+    `needs`: the recipe sections and fields the stage reads (None: all of them); `inputs`: the
+    stage folders it reads, each checked to match the recipe first."""
+    for folder in inputs:
+        why = stale(recipe, folder)
+        if why:
+            raise ValueError(f"{label} needs {folder}, but {why}; run `finteam run` to rebuild what the change "
+                             "affects (or set the value back)")
+    run = Paths(recipe.run_dir).run
+    record = {"needs": None if needs is None else list(needs), "settings": settings_of(recipe, needs),
+              "inputs": [str(folder.relative_to(run)) for folder in inputs]}
+    record["fingerprint"] = fingerprint(recipe, record)
     finished = done(out)
     if finished and not force:
-        note = "" if finished["recipe"] == recipe.to_dict() else " (made by a different recipe)"
-        log(f"{label}  done already{note}: {out}  (--force reruns it)")
-        return finished.get("summary", {})
-    if force and out.exists() and rank_and_size()[0] == 0:
+        if finished.get("fingerprint") == record["fingerprint"]:
+            log(f"{label}  done already: {out}  (--force reruns it)")
+            return finished.get("summary", {})
+        log(f"{label}  made with other settings ({difference(finished, record)}): running it again")
+    started = read_marker(out)
+    if out.exists() and rank_and_size()[0] == 0 and (force or started.get("fingerprint") != record["fingerprint"]):
+        if started and not started.get("done") and not force:
+            log(f"{label}  unfinished work in {out} was made with other settings ({difference(started, record)}): "
+                "starting over")
         shutil.rmtree(out)
+    if rank_and_size()[0] == 0:
+        write_json(out / "finteam.json", {"stage": label, "done": False, **record})
     t0 = time.perf_counter()
     summary = fn()
     if rank_and_size()[0] == 0:
-        mark_done(out, stamp(recipe, label), time.perf_counter() - t0, summary)
+        mark_done(out, stamp(recipe, label, **record), time.perf_counter() - t0, summary)
     log(f"{label}  finished in {duration(time.perf_counter() - t0)}")
     return summary
 
 
+def read_marker(folder: Path) -> dict:
+    """The stage's finteam.json (finished or only started), or {} when there is none."""
+    try:
+        return json.loads((folder / "finteam.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def fingerprint(recipe: Recipe, record: dict) -> str:
+    """sha256 of a stage's settings and of the fingerprints its input folders were stamped with."""
+    run = Paths(recipe.run_dir).run
+    inputs = {name: read_marker(run / name).get("fingerprint") for name in record["inputs"]}
+    text = json.dumps({"settings": record["settings"], "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def difference(then: dict, now: dict) -> str:
+    """The settings that differ between two stage records, for a person."""
+    if "settings" not in then:
+        return "made before stages had fingerprints"
+    old, new = then["settings"], now["settings"]
+    changed = [f"{key} {old.get(key, '(unset)')!r} then, {new.get(key, '(unset)')!r} now"
+               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if not changed:
+        return "a stage it reads has been made again since"
+    return "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def stale(recipe: Recipe, folder: Path) -> str | None:
+    """Why the stage folder `folder` does not match `recipe` (its own settings, or those of a
+    stage before it, differ; or it is unfinished), or None. A folder the pipeline did not make
+    (no finteam.json, such as a checkpoint put there by hand) is taken as it is."""
+    marker = read_marker(folder)
+    if not marker:
+        return None
+    if not marker.get("done"):
+        return f"{marker.get('stage', folder.name)} has not finished there"
+    if "settings" not in marker:
+        return f"{marker.get('stage', folder.name)} was made before stages had fingerprints"
+    now = {"needs": marker["needs"], "settings": settings_of(recipe, marker["needs"]), "inputs": marker["inputs"]}
+    if now["settings"] != marker["settings"]:
+        return f"{marker['stage']} was made with other settings ({difference(marker, now)})"
+    run = Paths(recipe.run_dir).run
+    for name in marker["inputs"]:
+        why = stale(recipe, run / name)
+        if why:
+            return why
+    if fingerprint(recipe, now) != marker["fingerprint"]:
+        return f"{marker['stage']} was made from earlier versions of {', '.join(marker['inputs'])}"
+    return None
+
+
 def run_data(recipe: Recipe, force: bool = False) -> None:
     p = Paths(recipe.run_dir)
-    stage("data", p.data, recipe, force, lambda: data.run(recipe, p.data))
-    stage("tokenizer", p.tokenizer, recipe, force, lambda: tokenizers.run(recipe, p.data, p.tokenizer))
+    stage("data", p.data, recipe, force, lambda: data.run(recipe, p.data), needs=("seed", "data"))
+    stage("tokenizer", p.tokenizer, recipe, force, lambda: tokenizers.run(recipe, p.data, p.tokenizer),
+          needs=("tokenizer", "model.base") if recipe.tokenizer.kind == "base" else ("tokenizer",), inputs=(p.data,))
+
+
+def made_tokenizer(recipe: Recipe):
+    """The run's tokenizer, once the data stages have made it with the recipe's settings."""
+    folder = Paths(recipe.run_dir).tokenizer
+    why = stale(recipe, folder) or (None if done(folder) else "it has not been made yet")
+    if why:
+        raise ValueError(f"the tokenizer in {folder}: {why}; run `finteam data` (or `finteam run`) first")
+    return tokenizers.load(folder)
 
 
 def model_names(recipe: Recipe) -> list[str]:
@@ -105,18 +196,22 @@ def model_names(recipe: Recipe) -> list[str]:
 
 def run_pretrain(recipe: Recipe, k: int, force: bool = False, only: list[str] | None = None) -> None:
     p, dev, seed = Paths(recipe.run_dir), device_of(recipe), recipe.seed + k
-    tok = tokenizers.load(p.tokenizer)
+    tok = made_tokenizer(recipe)
     named = recipe.model.base in models.SIZES
     todo = only or (["base"] * named + list(ROLES) + ["dense"] * ("dense" in recipe.evaluate.baselines))
+    lm, corpora = ("seed", "model", "precision"), (p.data, p.tokenizer)
     for name in todo:
         out = p.model(k, name)
         if name == "base":
-            stage("pretrain base", out, recipe, force, lambda: pretrain.train_base(recipe, p.data, tok, out, seed, dev))
+            stage("pretrain base", out, recipe, force, lambda: pretrain.train_base(recipe, p.data, tok, out, seed, dev),
+                  needs=(*lm, "pretrain.base"), inputs=corpora)
         elif name == "dense":
-            stage("pretrain dense", out, recipe, force, lambda: pretrain.train_dense(recipe, p.data, tok, out, seed, dev))
+            stage("pretrain dense", out, recipe, force, lambda: pretrain.train_dense(recipe, p.data, tok, out, seed, dev),
+                  needs=(*lm, "pretrain.base", "pretrain.expert", "assemble.top_k"), inputs=corpora)
         else:
             stage(f"pretrain {name}", out, recipe, force,
-                  lambda: pretrain.train_expert(recipe, name, p.data, base_dir(recipe, k), tok, out, seed, dev))
+                  lambda: pretrain.train_expert(recipe, name, p.data, base_dir(recipe, k), tok, out, seed, dev),
+                  needs=(*lm, "pretrain.expert"), inputs=(*corpora, *[p.model(k, "base")] * named))
 
 
 def base_dir(recipe: Recipe, k: int) -> Path:
@@ -126,14 +221,18 @@ def base_dir(recipe: Recipe, k: int) -> Path:
 
 def run_assemble(recipe: Recipe, k: int, force: bool = False) -> None:
     p, seed = Paths(recipe.run_dir), recipe.seed + k
-    tok = tokenizers.load(p.tokenizer)
+    tok = made_tokenizer(recipe)
     experts = [p.model(k, r) / "model" for r in ROLES]
     if rank_and_size()[0] != 0:
         return
+    base = [p.model(k, "base")] * (recipe.model.base in models.SIZES)
     stage("assemble", p.model(k, "moe"), recipe, force,
-          lambda: assemble.run(recipe, p.data, base_dir(recipe, k), experts, tok, p.model(k, "moe"), seed, device_of(recipe)))
+          lambda: assemble.run(recipe, p.data, base_dir(recipe, k), experts, tok, p.model(k, "moe"), seed, device_of(recipe)),
+          needs=("seed", "model", "assemble", "data.router_prompts"),
+          inputs=(p.data, p.tokenizer, *[e.parent for e in experts], *base))
     if "merge" in recipe.evaluate.baselines:
-        stage("merge", p.model(k, "merge"), recipe, force, lambda: assemble.merge(experts, recipe, tok, p.model(k, "merge"), seed))
+        stage("merge", p.model(k, "merge"), recipe, force, lambda: assemble.merge(experts, recipe, tok, p.model(k, "merge"), seed),
+              needs=("seed",), inputs=(p.tokenizer, *[e.parent for e in experts]))
 
 
 def source_of(p: Paths, k: int, name: str) -> Path:
@@ -142,11 +241,12 @@ def source_of(p: Paths, k: int, name: str) -> Path:
 
 def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | None = None) -> None:
     p, dev, seed = Paths(recipe.run_dir), device_of(recipe), recipe.seed + k
-    tok = tokenizers.load(p.tokenizer)
+    tok = made_tokenizer(recipe)
     for name in only or model_names(recipe):
         out = p.tuned(k, name)
         stage(f"instruct {name}", out, recipe, force,
-              lambda: instruct.run(recipe, source_of(p, k, name), p.data, tok, out, seed, f"instruct {name}", dev))
+              lambda: instruct.run(recipe, source_of(p, k, name), p.data, tok, out, seed, f"instruct {name}", dev),
+              needs=("seed", "precision", "instruct"), inputs=(p.data, p.tokenizer, source_of(p, k, name).parent))
 
 
 def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:
@@ -164,7 +264,7 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
     p = Paths(recipe.run_dir)
     if rank_and_size()[0] != 0:
         return
-    tok = tokenizers.load(p.tokenizer)
+    tok = made_tokenizer(recipe)
     tests, meta = test_sets(recipe, p.data)
 
     def scores() -> dict:
@@ -185,7 +285,9 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
         write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table, "throughput": speed})
         return {"models": list(results)}
 
-    stage("evaluate", p.seed(k) / "eval", recipe, force, scores)
+    stage("evaluate", p.seed(k) / "eval", recipe, force, scores,
+          needs=("evaluate", "instruct.max_len", "instruct.experts_implementation"),
+          inputs=(p.data, p.tokenizer, *[p.tuned(k, name) for name in model_names(recipe)]))
 
 
 def label(name: str) -> str:
@@ -198,9 +300,11 @@ def expert_names(recipe: Recipe) -> list[str]:
 
 def run_report(recipe: Recipe, seeds: list[int]) -> str:
     """results.json, results.md and routing.png over the seeds; returns the Markdown."""
-    import json
-
     p = Paths(recipe.run_dir)
+    for k in seeds:  # the table is stamped with the recipe: every model in it must have been made with it
+        why = stale(recipe, p.seed(k) / "eval") or (None if done(p.seed(k) / "eval") else f"seed {k} has no evaluation yet")
+        if why:
+            raise ValueError(f"results table: {why}; run `finteam run` to rebuild what the change affects")
     per_seed = [json.loads((p.seed(k) / "eval" / "results.json").read_text()) for k in seeds]
     tests, meta = test_sets(recipe, p.data)
     summary = report.aggregate(per_seed)
