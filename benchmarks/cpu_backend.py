@@ -30,20 +30,13 @@ which a runnable task waited for a CPU): on a shared machine any other busy proc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import finteam_kernels  # the installed package, with its compiled extension
-except ImportError:  # a checkout that was built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
 
-import harness  # noqa: E402
-
-import finteam_kernels  # noqa: E402
+import finteam_kernels
 from finteam_kernels import _ext, reference  # noqa: E402
 
 H, I, E, K = 1024, 3584, 8, 2

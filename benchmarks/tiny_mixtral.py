@@ -15,21 +15,13 @@ batch x seq random tokens (4 x 128 by default). The two providers are timed inte
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import finteam_kernels  # noqa: F401  (the installed package, with its compiled extension)
-except ImportError:  # a checkout that was built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
 
-import harness  # noqa: E402
-
-import finteam_kernels.hf  # noqa: E402,F401  (registers experts_implementation="finteam")
-from finteam_kernels._backend import pick_backend  # noqa: E402
+import finteam_kernels.hf  # noqa: F401  (registers experts_implementation="finteam")
+from finteam_kernels._backend import pick_backend
 
 VOCAB = 1024
 

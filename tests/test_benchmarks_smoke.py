@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+import harness  # benchmarks/ is on the tests' path (pyproject.toml: pythonpath)
+import shapes
+from roofline import cost
 
-import harness  # noqa: E402
-import moe_dispatch  # noqa: E402
-import shapes  # noqa: E402
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_script_writes_table_json_and_plot(tmp_path):
@@ -69,19 +68,19 @@ def test_expert_weights_counted_only_for_experts_hit():
     # At one token the expert computation reads K experts' weights, not E: the byte count must
     # say so, or the 1-token bandwidth target would be judged against the wrong number.
     s = shapes.SHAPES["mixtral-8x7b-tp2"]
-    one_token, _ = moe_dispatch.cost("moe_experts", "forward", s, 1, experts_hit=2, a=2)
+    one_token, _ = cost("moe_experts", "forward", s, 1, experts_hit=2, a=2)
     weights = 2 * s.expert_bytes()
     assert weights <= one_token < weights * 1.01
-    _, flops = moe_dispatch.cost("moe_experts", "forward", s, 1024, experts_hit=8, a=2)
+    _, flops = cost("moe_experts", "forward", s, 1024, experts_hit=8, a=2)
     assert flops == 6 * 1024 * s.top_k * s.hidden * s.intermediate
 
 
 def test_training_costs_add_forward_and_backward():
     s = shapes.QUICK_SHAPES["team-llama3-8b"]
     for op in ("gating", "permute", "unpermute", "grouped_gemm", "moe_experts", "layer"):
-        fwd = moe_dispatch.cost(op, "forward", s, 64, s.num_experts, 2)
-        bwd = moe_dispatch.cost(op, "backward", s, 64, s.num_experts, 2)
-        both = moe_dispatch.cost(op, "forward+backward", s, 64, s.num_experts, 2)
+        fwd = cost(op, "forward", s, 64, s.num_experts, 2)
+        bwd = cost(op, "backward", s, 64, s.num_experts, 2)
+        both = cost(op, "forward+backward", s, 64, s.num_experts, 2)
         assert both == pytest.approx((fwd[0] + bwd[0], fwd[1] + bwd[1]))
         assert bwd[0] > 0
 
