@@ -27,3 +27,30 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {"__name__": "readme"})
+
+
+def layout_paths() -> list[str]:
+    """The paths the README's layout block names: a path at the start of a line, or several
+    separated by commas; an indented line is inside the last folder above it."""
+    block = re.search(r"## What is here\n\n```\n(.*?)```", README, re.S).group(1)
+    paths, folder = [], ""
+    for line in block.splitlines():
+        indented = line.startswith("  ")
+        names = re.match(r"\s*((?:[\w./<>]+(?:, )?)+)", line).group(1).split(", ")
+        for name in names:
+            path = (folder if indented else "") + name.strip()
+            paths.append(path)
+            if not indented and name.endswith("/"):
+                folder = name
+    return paths
+
+
+def test_readme_layout_matches_the_tree():
+    named = layout_paths()
+    missing = [p for p in named if "<" not in p and not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, f"the README's layout names paths that do not exist: {missing}"
+    for folder in ("finteam_kernels", "benchmarks"):
+        modules = [f"{folder}/{f}" for f in os.listdir(os.path.join(ROOT, folder))
+                   if f.endswith(".py") and not f.startswith("_") and not f.startswith("test_")]
+        unnamed = [m for m in modules if m not in named]
+        assert not unnamed, f"the README's layout does not name {unnamed}"
