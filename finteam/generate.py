@@ -18,23 +18,23 @@ from .tokenizer import load as load_tokenizer
 def answer(model_dir: Path, prompts: list[str], max_new_tokens: int = 48, temperature: float = 0.0,
            experts_implementation: str = "eager") -> list[str]:
     if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1; got {max_new_tokens}")
+        raise ValueError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"generate: temperature must be >= 0 (0: greedy); got {temperature}")
+        raise ValueError(f"--temperature must be >= 0 (0: greedy); got {temperature}")
     model = load_model(model_dir)
     if hasattr(model.config, "num_local_experts"):
         models.use_experts(model, experts_implementation)
     tokenizer = load_tokenizer(model_dir)
     positions = model.config.max_position_embeddings
     if max_new_tokens >= positions:
-        raise ValueError(f"generate: --max-new-tokens must be below the model's {positions} positions; got {max_new_tokens}")
+        raise ValueError(f"--max-new-tokens must be below the model's {positions} positions; got {max_new_tokens}")
     room = positions - max_new_tokens
     model.eval()
     out = []
     for number, prompt in enumerate(prompts, 1):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         if ids.shape[1] == 0:
-            raise ValueError(f"generate: prompt {number} is empty")
+            raise ValueError(f"prompt {number} is empty")
         if ids.shape[1] > room:
             log(f"generate  prompt {number} has {ids.shape[1]} tokens and the model {positions} positions: its first "
                 f"{ids.shape[1] - room} tokens are dropped, the last {room} kept (room for {max_new_tokens} new)")
