@@ -82,8 +82,9 @@ def stage(label: str, out: Path, recipe: Recipe, force: bool, fn, needs: tuple[s
           inputs: tuple[Path, ...] = ()) -> dict:
     """Run `fn` unless `out` finished with the fingerprint it would have now; mark it finished.
     `needs`: the recipe sections and fields the stage reads (None: all of them); `inputs`: the
-    stage folders it reads, each checked to match the recipe first."""
-    for folder in inputs:
+    stage folders it reads, each checked to match the recipe first (by rank 0, which writes the
+    markers: the other ranks could read one before it is written)."""
+    for folder in inputs if rank_and_size()[0] == 0 else ():
         why = stale(recipe, folder)
         if why:
             raise ValueError(f"{label} needs {folder}, but {why}; run `finteam run` to rebuild what the change "
@@ -177,7 +178,7 @@ def made_tokenizer(recipe: Recipe):
     """The run's tokenizer, once the data stages have made it with the recipe's settings."""
     folder = Paths(recipe.run_dir).tokenizer
     why = stale(recipe, folder) or (None if done(folder) else "it has not been made yet")
-    if why:
+    if why and rank_and_size()[0] == 0:
         raise ValueError(f"the tokenizer in {folder}: {why}; run `finteam data` (or `finteam run`) first")
     return tokenizers.load(folder)
 
