@@ -208,7 +208,7 @@ def test_autotuned_launch(monkeypatch):
     benchmark that runs each config once: checks the grids, keys and config plumbing that only
     a GPU would otherwise exercise."""
     kernels = needs_triton()
-    import finteam_kernels.ops.grouped_gemm as op
+    import finteam_kernels.ops._triton as op
 
     monkeypatch.setattr(op, "autotune_enabled", lambda: True)
     for tuned in (*kernels.GEMM_TUNED.values(), *kernels.WGRAD_TUNED.values()):

@@ -51,3 +51,7 @@ class AotSpec(NamedTuple):
     # multiples of 16): Triton specializes on that (and on unit strides, which a spec gives as
     # constexpr 1), and vectorized, pipelined loads depend on it
     aligned: tuple = ()
+    # its tl.dot operands are 16-bit or TF32: the dots must use tensor cores (wgmma on sm_90)
+    tensor_core: bool = False
+    # its results must round like PyTorch's (e.g. gating's selection): no approximate exp or division
+    exact: bool = False

@@ -13,15 +13,24 @@ import torch
 
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
-from ._triton import autotune_enabled, cdiv, device_guard, interpreting, next_pow2
+from ._triton import cdiv, device_guard, interpreting, next_pow2
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _tf32_allowed() -> bool:
+    """torch.backends.cuda.matmul.allow_tf32, however it was set (that flag,
+    torch.set_float32_matmul_precision, or the newer fp32_precision)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # both the legacy and the new flag were set: PyTorch lets the new one decide
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def _dot_flags(dtype: torch.dtype) -> dict:
-    """fp32 operands multiply as PyTorch's own fp32 matmuls do (TF32 only when PyTorch allows
-    it); under the interpreter the kernels work around its bf16 traps."""
-    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    """fp32 operands multiply as PyTorch's own fp32 CUDA matmuls do (TF32 on tensor cores only
+    when PyTorch allows it); under the interpreter the kernels work around its bf16 traps."""
+    tf32 = dtype == torch.float32 and _tf32_allowed()
     return {"INTERPRETED": interpreting(), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
@@ -55,12 +64,13 @@ def gemm(a: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, 
     def grid(meta):
         return ((cdiv(N, meta["BLOCK_M"]) + min(E, N)) * cdiv(O, meta["BLOCK_N"]),)
 
-    family = kernels.family(a.element_size(), glu)
+    family = kernels.family(a.element_size(), glu, flags["DOT_PRECISION"])
+    problem = kernels.gemm_problem(family, a, w_EOD, N, O, D, E, flags)
     with device_guard(a):
-        if autotune_enabled():
+        meta = kernels.launch_config("gemm", family, problem, N, E, a.device)
+        if meta is None:
             kernels.GEMM_TUNED[family][grid](*args, **flags)
         else:
-            meta = kernels.default_gemm_config(family, N, E)
             kernels._grouped_gemm_kernel[grid(meta)](*args, **flags, **meta)
     return y, h
 
@@ -80,19 +90,20 @@ def wgrad(dy: torch.Tensor, a: torch.Tensor, expert_offsets_E1: torch.Tensor, *,
     if dw.numel() == 0:
         return dw
     args = (dy, a, index_N if index_N is not None else expert_offsets_E1, expert_offsets_E1, dw,
-            O, D, index_div, next_pow2(N), dy.stride(0), dy.stride(1), a.stride(0), a.stride(1),
+            O, D, E, index_div, next_pow2(N), dy.stride(0), dy.stride(1), a.stride(0), a.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2))
     flags = dict(GATHER=index_N is not None, **_dot_flags(a.dtype))
 
     def grid(meta):
         return (cdiv(O, meta["BLOCK_O"]) * cdiv(D, meta["BLOCK_D"]), E)
 
-    family = kernels.family(a.element_size())
+    family = kernels.family(a.element_size(), precision=flags["DOT_PRECISION"])
+    problem = kernels.wgrad_problem(family, dy, a, dw, O, D, E, flags)
     with device_guard(a):
-        if autotune_enabled():
+        meta = kernels.launch_config("wgrad", family, problem, N, E, a.device)
+        if meta is None:
             kernels.WGRAD_TUNED[family][grid](*args, **flags)
         else:
-            meta = kernels.default_wgrad_config(family, N, E)
             kernels._grouped_wgrad_kernel[grid(meta)](*args, **flags, **meta)
     return dw
 

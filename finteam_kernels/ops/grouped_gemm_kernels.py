@@ -34,16 +34,22 @@ from ._jit import dot_operand, store
 EXPERT_CHUNK = 128
 
 # Config families, each a few (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that compile
-# without register spills for sm_80 and sm_90 (see aot_specs): "plain" 16-bit GEMMs, "glu" (the
-# gate/up GEMM, which holds two accumulators), and "fp32" operands (FMA or TF32, no wgmma).
+# with their pipeline intact, without register spills and, on sm_90, to wgmma (see aot_specs and
+# tests/test_aot_compile.py): "plain" 16-bit GEMMs, "glu" (the gate/up GEMM, which holds two
+# accumulators), "tf32" and "tf32_glu" (fp32 operands where PyTorch allows TF32: wgmma needs
+# BLOCK_M >= 64, and a K step of 32 fp32 is the 16-bit families' 128 bytes), and "fp32" (exact
+# fp32, FMA: no tensor core computes it).
 GEMM_CONFIGS = {
     "plain": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
     "glu": ((128, 64, 32, 8, 4), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)),
+    "tf32": ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)),
+    "tf32_glu": ((128, 64, 32, 8, 3), (64, 64, 32, 4, 4)),
     "fp32": ((32, 64, 32, 4, 3),),
 }
 # (BLOCK_O, BLOCK_D, BLOCK_K, num_warps, num_stages) of the weight gradient; BLOCK_K runs over rows.
 WGRAD_CONFIGS = {
     "plain": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
+    "tf32": ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
     "fp32": ((32, 64, 32, 4, 3),),
 }
 
@@ -170,7 +176,7 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     dy_ptr, a_ptr, index_ptr, offsets_ptr, dw_ptr,
-    O, D, index_div, rows_bucket,
+    O, D, E, index_div, rows_bucket,
     stride_dym, stride_dyo, stride_am, stride_ad, stride_dwe, stride_dwo, stride_dwd,
     GATHER: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -181,8 +187,13 @@ def _grouped_wgrad_kernel(
       are the reduction dimension, walked BLOCK_K at a time (each program owns its tile: no
       atomics, the same result on every run).
     - src(r) = index[r] // index_div if GATHER else r. An expert with no rows writes zeros.
+      The index of the next row block is loaded one step ahead and carried through the loop:
+      loaded in the step that uses it, it would make a gathered load depend on a load of the
+      same step, and Triton's pipeliner then keeps fewer buffers (2 of 3 on sm_90, 1 of 2 on
+      sm_80) and waits for every load at the top of the loop.
     - dw may be a strided view (e.g. the transpose of the weight it is the gradient of).
-    - INTERPRETED and `rows_bucket` as in `_grouped_gemm_kernel`.
+    - INTERPRETED and `rows_bucket` as in `_grouped_gemm_kernel`; E (the grid's second
+      dimension) is only the autotune key.
     Cost: 2*N*O*D flops; every dy and a row is read once per (O tile, D tile) of its expert.
     """
     pid = tl.program_id(0)
@@ -195,11 +206,15 @@ def _grouped_wgrad_kernel(
     row_start = tl.load(offsets_ptr + expert)
     row_end = tl.load(offsets_ptr + expert + 1)
     acc = tl.full((BLOCK_O, BLOCK_D), 0.0, tl.float32)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    if GATHER:
+        src_next = tl.load(index_ptr + row_start + ks, mask=row_start + ks < row_end, other=0)
     for r0 in range(row_start, row_end, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        rows = r0 + ks
         row_mask = rows < row_end
         if GATHER:
-            src = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64) // index_div
+            src = src_next.to(tl.int64) // index_div
+            src_next = tl.load(index_ptr + rows + BLOCK_K, mask=rows + BLOCK_K < row_end, other=0)
         else:
             src = rows
         dy_t = tl.load(dy_ptr + rows[None, :] * stride_dym + o_idx[:, None] * stride_dyo,
@@ -211,8 +226,11 @@ def _grouped_wgrad_kernel(
     store(dw_ptrs, acc, o_mask[:, None] & d_mask[None, :], INTERPRETED)
 
 
-def family(element_size: int, glu: bool = False) -> str:
-    return "fp32" if element_size == 4 else ("glu" if glu else "plain")
+def family(element_size: int, glu: bool = False, precision: str = "ieee") -> str:
+    """The config family of a GEMM on operands of `element_size` bytes (see GEMM_CONFIGS)."""
+    if element_size == 4:
+        return ("tf32_glu" if glu else "tf32") if precision == "tf32" else "fp32"
+    return "glu" if glu else "plain"
 
 
 def gemm_meta(config) -> dict:
@@ -234,7 +252,7 @@ def default_gemm_config(name: str, rows: int, experts: int) -> dict:
     few = rows <= 64 * max(experts, 1)
     if name == "plain":
         return gemm_meta(configs[2] if few else configs[0])
-    if name == "glu":
+    if name in ("glu", "tf32", "tf32_glu"):
         return gemm_meta(configs[1] if few else configs[0])
     return gemm_meta(configs[0])
 
@@ -242,7 +260,7 @@ def default_gemm_config(name: str, rows: int, experts: int) -> dict:
 def default_wgrad_config(name: str, rows: int, experts: int) -> dict:
     """Wide tiles when each expert has enough rows to amortise them."""
     configs = WGRAD_CONFIGS[name]
-    return wgrad_meta(configs[0] if name == "fp32" or rows >= 256 * max(experts, 1) else configs[1])
+    return wgrad_meta(configs[0] if len(configs) == 1 or rows >= 256 * max(experts, 1) else configs[1])
 
 
 def _autotune(configs, key):
@@ -259,16 +277,64 @@ def _as_config(meta: dict):
     return triton.Config(meta, num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
 
 
+# Run-time tuning, for shapes the tables lack. The keys cover what changes the best config: rows
+# (bucketed), widths, E, the fused gather and epilogue, and the layout (a transposed operand's
+# stride in its reduction dimension is not 1); the autotuner adds the dtypes.
 GEMM_TUNED = {
     name: _autotune([_as_config(gemm_meta(c)) for c in configs],
-                    key=["rows_bucket", "O", "D", "GATHER", "ACTIVATION", "STORE_H"])(_grouped_gemm_kernel)
+                    key=["rows_bucket", "O", "D", "E", "GATHER", "ACTIVATION", "STORE_H", "stride_ad", "stride_bd",
+                         "DOT_PRECISION"])(_grouped_gemm_kernel)
     for name, configs in GEMM_CONFIGS.items()
 }
 WGRAD_TUNED = {
     name: _autotune([_as_config(wgrad_meta(c)) for c in configs],
-                    key=["rows_bucket", "O", "D", "GATHER"])(_grouped_wgrad_kernel)
+                    key=["rows_bucket", "O", "D", "E", "GATHER", "stride_dyo", "stride_ad", "stride_dwd",
+                         "DOT_PRECISION"])(_grouped_wgrad_kernel)
     for name, configs in WGRAD_CONFIGS.items()
 }
+
+
+def _layout(*tensors_and_dims) -> str:
+    """'.' per operand whose given dimension has unit stride (as stored), 't' otherwise."""
+    return "".join("." if t.stride(dim) == 1 else "t" for t, dim in tensors_and_dims)
+
+
+def gemm_problem(family_name: str, a, w_EOD, N: int, O: int, D: int, E: int, flags: dict) -> str:
+    """The tables' key of one forward-kernel launch (see finteam_kernels.configs)."""
+    from .. import configs
+
+    return configs.problem_key(family=family_name, dtype=str(a.dtype).removeprefix("torch."), E=E, O=O, D=D,
+                               layout=_layout((a, 1), (w_EOD, 2)), gather=flags["GATHER"], act=flags["ACTIVATION"],
+                               h=flags["STORE_H"])
+
+
+def wgrad_problem(family_name: str, dy, a, dw, O: int, D: int, E: int, flags: dict) -> str:
+    """The tables' key of one weight-gradient launch."""
+    from .. import configs
+
+    return configs.problem_key(family=family_name, dtype=str(a.dtype).removeprefix("torch."), E=E, O=O, D=D,
+                               layout=_layout((dy, 1), (a, 1), (dw, 2)), gather=flags["GATHER"])
+
+
+def launch_config(kind: str, family_name: str, problem: str, rows: int, experts: int, device) -> dict | None:
+    """The config of one launch of kernel `kind` ("gemm" or "wgrad"): the tuned table's entry
+    for this GPU and problem; else None, meaning "tune now", when tuning is on
+    (FINTEAM_AUTOTUNE, not under the interpreter) and the stream is not capturing a CUDA graph
+    (tuning runs and synchronises); else the family's heuristic."""
+    import torch
+
+    from .. import configs
+    from ._triton import autotune_enabled
+
+    meta = gemm_meta if kind == "gemm" else wgrad_meta
+    tuned = configs.lookup(kind, device, problem, rows)
+    if tuned is not None:
+        return meta(tuned)
+    if autotune_enabled() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    if kind == "gemm":
+        return default_gemm_config(family_name, rows, experts)
+    return default_wgrad_config(family_name, rows, experts)
 
 _GEMM_SIGNATURE = {
     "a_ptr": "*{t}", "index_ptr": "*i32", "b_ptr": "*{t}", "offsets_ptr": "*i64", "c_ptr": "*{t}", "h_ptr": "*{t}",
@@ -278,7 +344,7 @@ _GEMM_SIGNATURE = {
 }
 _WGRAD_SIGNATURE = {
     "dy_ptr": "*{t}", "a_ptr": "*{t}", "index_ptr": "*i32", "offsets_ptr": "*i64", "dw_ptr": "*{t}",
-    "O": "i32", "D": "i32", "index_div": "i32", "rows_bucket": "i32",
+    "O": "i32", "D": "i32", "E": "i32", "index_div": "i32", "rows_bucket": "i32",
     "stride_dym": "i64", "stride_dyo": "i64", "stride_am": "i64", "stride_ad": "i64",
     "stride_dwe": "i64", "stride_dwo": "i64", "stride_dwd": "i64",
 }
@@ -297,9 +363,10 @@ def aot_spec(tags, fn, signature, dtype, unit_strides, constexprs, meta):
     aligned = tuple(name for name, kind in sig.items() if kind != "constexpr" and name not in _UNALIGNED)
     blocks = "x".join(str(v) for k, v in meta.items() if k.startswith("BLOCK"))
     name = f"{fn.__name__.strip('_').removesuffix('_kernel')}[{tags},{dtype},{blocks},w{num_warps}s{num_stages}]"
+    tensor_core = dtype != "fp32" or constexprs.get("DOT_PRECISION") == "tf32"
     return AotSpec(name, fn, sig,
                    {**{name: 1 for name in unit_strides}, **constexprs, **meta},
-                   num_warps=num_warps, num_stages=num_stages, aligned=aligned)
+                   num_warps=num_warps, num_stages=num_stages, aligned=aligned, tensor_core=tensor_core)
 
 
 def aot_specs():
@@ -326,7 +393,9 @@ def aot_specs():
         ("fp32", "fp32", "ieee", "none", False, False, "w", False),
         ("fp32", "fp32", "ieee", "none", True, False, "w^T", False),
         ("fp32", "fp32", "ieee", "silu", True, True, "w", False),
-        ("fp32", "fp32", "tf32", "silu", True, True, "w", False),
+        ("tf32", "fp32", "tf32", "none", True, False, "w^T", True),
+        ("tf32", "fp32", "tf32", "none", False, False, "w", False),
+        ("tf32_glu", "fp32", "tf32", "silu", True, True, "w", True),
     ]
     specs = []
     for name, dtype, precision, act, gather, store_h, layout, every in gemms:
@@ -344,12 +413,14 @@ def aot_specs():
         ("plain", "bf16", False, "dw", False),
         ("plain", "fp16", False, "dw", False),
         ("fp32", "fp32", True, "dw", False),
+        ("tf32", "fp32", True, "dw^T", True),
+        ("tf32", "fp32", True, "dw", False),
     ]
     for name, dtype, gather, layout, every in wgrads:
         configs = WGRAD_CONFIGS[name] if every else (WGRAD_CONFIGS[name][0],)
         for config in configs:
-            constexprs = {"GATHER": gather, "INTERPRETED": False, "DOT_PRECISION": "ieee"}
-            tags = f"{layout}{',gather' if gather else ''}"
+            constexprs = {"GATHER": gather, "INTERPRETED": False, "DOT_PRECISION": "tf32" if name == "tf32" else "ieee"}
+            tags = f"{layout}{',gather' if gather else ''},{constexprs['DOT_PRECISION']}"
             specs.append(aot_spec(tags, _grouped_wgrad_kernel, _WGRAD_SIGNATURE, dtype, dw_layouts[layout], constexprs,
                                wgrad_meta(config)))
     return specs

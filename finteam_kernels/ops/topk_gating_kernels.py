@@ -268,7 +268,7 @@ def aot_specs():
                  "topk_groups": "i32", "scaling": "fp32", "stride_lt": "i64", "stride_le": "i64",
                  "sigmoid": "i32", "has_bias": "i32", "renormalize": "i32",
                  "INTERPRETED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                {"INTERPRETED": False, **tile}, num_warps=num_warps))
+                {"INTERPRETED": False, **tile}, num_warps=num_warps, exact=True))
             specs.append(AotSpec(
                 f"topk_gating_bwd[{dtype},BLOCK_T={block_t},BLOCK_E={block_e}]", _topk_gating_bwd_kernel,
                 {"grad_weights_ptr": "*fp32", "logits_ptr": f"*{dtype}", "ids_ptr": "*i32",
