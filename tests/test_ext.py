@@ -173,10 +173,11 @@ def _moe_decode_args():
             torch.randn(3, 64, 48, dtype=torch.bfloat16) / 7]
 
 
-# Each way a decode-sized bf16 batch can run: ATen's GEMM (a CPU without AVX-512, which
-# FINTEAM_CPU_ISA=avx2 stands for), and both weight-streaming kernels where the CPU has them.
+# Each way a decode-sized bf16 batch can run: ATen's GEMM (FINTEAM_CPU_STREAMING=none, as on a
+# CPU without AVX2), and every weight-streaming kernel where the CPU has it.
 STREAMING_VARIANTS = {
-    "none (ATen GEMM)": {"FINTEAM_CPU_ISA": "avx2"},
+    "none (ATen GEMM)": {"FINTEAM_CPU_STREAMING": "none"},
+    "avx2": {"FINTEAM_CPU_STREAMING": "avx2"},
     "fma": {"FINTEAM_CPU_STREAMING": "fma"},
     "vdpbf16ps": {"FINTEAM_CPU_STREAMING": "vdpbf16ps"},
 }
@@ -215,6 +216,8 @@ def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
         ran.append(name)
         assert_close(torch.tensor(json.loads(values)).to(torch.bfloat16), expected, baseline=baseline, name=name)
     assert "none (ATen GEMM)" in ran
+    if cpu_ext.cpu_capability().startswith(("avx2", "avx512")):
+        assert "avx2" in ran
     if cpu_ext.cpu_capability().startswith("avx512"):
         assert "fma" in ran
 

@@ -1,5 +1,6 @@
-// The AVX-512 bf16 weight-streaming kernels (4 weight rows by up to 4 batch rows per tile), and
-// the choice between them and the AMX kernel (dot_amx.cpp).
+// The AVX-512 bf16 weight-streaming kernels (4 weight rows by up to 4 batch rows per tile), their
+// AVX2 form for CPUs without AVX-512 (4 by up to 2), and the choice between them and the AMX
+// kernel (dot_amx.cpp).
 //
 // Designed for memory-bound decode: every weight byte is read from memory once; a tile's 4
 // rows (4*D*2 bytes, 8 KB at D=1024) stay in L1 while each group of 4 batch rows passes over
@@ -11,6 +12,7 @@
 #include "dot_bf16.h"
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "dot_amx.h"
@@ -28,6 +30,7 @@ namespace {
 
 #define FINTEAM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define FINTEAM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define FINTEAM_AVX2 __attribute__((target("avx2,fma")))
 
 bool has_amx_bf16() {
   unsigned a, b, c, d;
@@ -47,6 +50,8 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
+  static constexpr int kMaxBatch = 4;
+
   template <int R, int MB>
   FINTEAM_AVX512_BF16 static inline __attribute__((always_inline)) void step(
       __m512 (&acc)[R][MB], const uint16_t* w, int64_t ldw, const uint16_t* const* x, int64_t d, __mmask32 mask) {
@@ -84,6 +89,8 @@ struct DotTile {
 // (high half), so a shift gives the even elements and a mask the odd ones, matched by the batch
 // rows stored as [16 even | 16 odd] per 32 elements.
 struct FmaTile {
+  static constexpr int kMaxBatch = 4;
+
   template <int R, int MB>
   FINTEAM_AVX512 static inline __attribute__((always_inline)) void step(
       __m512 (&acc)[R][MB], const uint16_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t d, __mmask32 mask) {
@@ -119,19 +126,82 @@ struct FmaTile {
   }
 };
 
-// One tile of R weight rows against every batch row, 4 batch rows at a time.
+// AVX2 (no AVX-512): the FmaTile method on 256-bit registers, 16 weights per load, the batch
+// rows stored as [8 even | 8 odd] per 16 elements. 16 ymm registers hold R*MB accumulators, the
+// R weight loads and the two widened halves of one of them: R=4 by MB up to 2. The batch rows
+// are FMA memory operands (they sit in L1/L2; the loads are cheaper than the FMAs). A tail of
+// D % 16 weights is copied into a zero-padded block first (the batch rows are zero-padded).
+struct Avx2Tile {
+  static constexpr int kMaxBatch = 2;
+
+  template <int R, int MB>
+  FINTEAM_AVX2 static inline __attribute__((always_inline)) void step(
+      __m256 (&acc)[R][MB], const uint16_t* w, int64_t ldw, const float* x, int64_t ldx) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m256i v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v[r], 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v[r], high));
+#pragma GCC unroll 2
+      for (int m = 0; m < MB; ++m) {
+        acc[r][m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + m * ldx), acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + m * ldx + 8), acc[r][m]);
+      }
+    }
+  }
+
+  template <int R, int MB>
+  FINTEAM_AVX2 static void run(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const*, const float* x,
+                               int64_t ldx, float* out, int64_t ldo) {
+    __m256 acc[R][MB];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    }
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      // One cache line of each row of the next tile per 32 weights (see the file comment).
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * ldw + d), _MM_HINT_T0);
+      step<R, MB>(acc, w + d, ldw, x + d, ldx);
+      step<R, MB>(acc, w + d + 16, ldw, x + d + 16, ldx);
+    }
+    for (; d + 16 <= D; d += 16) step<R, MB>(acc, w + d, ldw, x + d, ldx);
+    if (d < D) {
+      alignas(32) uint16_t tail[R][16] = {};
+      for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ldw + d, (D - d) * sizeof(uint16_t));
+      step<R, MB>(acc, &tail[0][0], 16, x + d, ldx);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int m = 0; m < MB; ++m) {
+        const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+        const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        out[m * ldo + r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+      }
+    }
+  }
+};
+
+// One tile of R weight rows against every batch row, Tile::kMaxBatch batch rows at a time.
 template <typename Tile, int R>
 void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x, const float* wide, int64_t ldx,
                int64_t M, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+  constexpr int B = Tile::kMaxBatch;
+  for (int64_t m0 = 0; m0 < M; m0 += B) {
     const uint16_t* const* xm = x != nullptr ? x + m0 : nullptr;
     const float* wm = wide != nullptr ? wide + m0 * ldx : nullptr;
     float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(4, M - m0)) {
+    switch (std::min<int64_t>(B, M - m0)) {
       case 1: Tile::template run<R, 1>(w, ldw, D, xm, wm, ldx, o, ldo); break;
       case 2: Tile::template run<R, 2>(w, ldw, D, xm, wm, ldx, o, ldo); break;
-      case 3: Tile::template run<R, 3>(w, ldw, D, xm, wm, ldx, o, ldo); break;
-      default: Tile::template run<R, 4>(w, ldw, D, xm, wm, ldx, o, ldo); break;
+      case 3: if constexpr (B >= 3) Tile::template run<R, 3>(w, ldw, D, xm, wm, ldx, o, ldo); break;
+      default: if constexpr (B >= 4) Tile::template run<R, 4>(w, ldw, D, xm, wm, ldx, o, ldo); break;
     }
   }
 }
@@ -150,14 +220,17 @@ void stream(const uint16_t* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, c
 const char* streaming_kernel() {
   static const char* kernel = [] {
     const std::string& isa = isa_name();
-    const bool dot = isa == "avx512_bf16", fma = dot || isa == "avx512";
-    // FINTEAM_CPU_STREAMING picks any kernel this CPU can run (to test each of them anywhere).
+    const bool dot = isa == "avx512_bf16", fma = dot || isa == "avx512", avx2 = fma || isa == "avx2";
+    // FINTEAM_CPU_STREAMING picks any kernel this CPU can run (to test each of them anywhere),
+    // or "none" (ATen's GEMM).
     const std::string wanted = std::getenv("FINTEAM_CPU_STREAMING") ? std::getenv("FINTEAM_CPU_STREAMING") : "";
+    if (wanted == "none") return "";
     if (wanted == "vdpbf16ps" && dot) return "vdpbf16ps";
     if (wanted == "fma" && fma) return "fma";
+    if (wanted == "avx2" && avx2) return "avx2";
     if (fma && amx::available()) return "amx";
     if (dot && !has_amx_bf16()) return "vdpbf16ps";
-    return fma ? "fma" : "";
+    return fma ? "fma" : avx2 ? "avx2" : "";
   }();
   return kernel;
 }
@@ -177,13 +250,15 @@ SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, b
   const auto* const* src = reinterpret_cast<const uint16_t* const*>(rows);
   const bool tiles = kernel == "amx" && D % 32 == 0;
   if (tiles) tiles_ = amx::pack(src, M, D);
-  if (kernel != "fma" && !(kernel == "amx" && !(tiles && whole_tiles))) return;
+  if (kernel != "fma" && kernel != "avx2" && !(kernel == "amx" && !(tiles && whole_tiles))) return;
+  // Blocks of 32 elements as [16 even | 16 odd] for the AVX-512 FMA kernel, of 16 as [8 | 8] for AVX2.
+  const int64_t width = kernel == "avx2" ? 16 : 32;
   wide_.assign(M * stride_, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     float* dst = wide_.data() + m * stride_;
     for (int64_t d = 0; d < D; ++d) {
-      const int64_t block = d / 32 * 32, lane = d % 32;
-      dst[block + (lane % 2) * 16 + lane / 2] = vm::from_bits(static_cast<uint32_t>(src[m][d]) << 16);
+      const int64_t block = d / width * width, lane = d % width;
+      dst[block + (lane % 2) * (width / 2) + lane / 2] = vm::from_bits(static_cast<uint32_t>(src[m][d]) << 16);
     }
   }
 }
@@ -193,7 +268,11 @@ void skinny_gemm_bf16(const c10::BFloat16* w_in, int64_t ldw, int64_t D, int64_t
 #if FINTEAM_X86
   const auto* w = reinterpret_cast<const uint16_t*>(w_in);
   const std::string kernel = streaming_kernel();
-  TORCH_CHECK(!kernel.empty(), "skinny_gemm_bf16 needs AVX-512");
+  TORCH_CHECK(!kernel.empty(), "skinny_gemm_bf16 needs AVX2 or AVX-512");
+  if (kernel == "avx2") {
+    stream<Avx2Tile>(w, ldw, D, o0, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out, ldo);
+    return;
+  }
   if (kernel == "vdpbf16ps") {
     const auto* const* rows = reinterpret_cast<const uint16_t* const*>(x.rows_.data());
     stream<DotTile>(w, ldw, D, o0, o1, rows, nullptr, 0, x.M_, out, ldo);
@@ -210,7 +289,7 @@ void skinny_gemm_bf16(const c10::BFloat16* w_in, int64_t ldw, int64_t D, int64_t
     stream<FmaTile>(w, ldw, D, o, o1, nullptr, x.wide_.data(), x.stride_, x.M_, out + (o - o0), ldo);
   }
 #else
-  TORCH_CHECK(false, "skinny_gemm_bf16 needs an x86-64 CPU with AVX-512");
+  TORCH_CHECK(false, "skinny_gemm_bf16 needs an x86-64 CPU with AVX2 or AVX-512");
 #endif
 }
 

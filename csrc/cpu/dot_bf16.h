@@ -14,13 +14,15 @@ namespace finteam::cpu {
 //   "vdpbf16ps"  AVX512-BF16 dot products (AVX512-BF16 CPUs without AMX, e.g. AMD Zen 4/5)
 //   "fma"        AVX-512 FMAs on weights widened to fp32: AVX-512 CPUs without AVX512-BF16,
 //                and AMX CPUs where the tiles are not granted (their vdpbf16ps is slow)
-//   ""           none (no AVX-512): callers use ATen's GEMM instead
-// FINTEAM_CPU_STREAMING=vdpbf16ps|fma picks another kernel the CPU can run (to test each).
+//   "avx2"       the same on 256-bit registers: AVX2 CPUs without AVX-512 (e.g. AMD Zen 2/3)
+//   ""           none (no AVX2): callers use ATen's GEMM instead
+// FINTEAM_CPU_STREAMING=vdpbf16ps|fma|avx2 picks another kernel the CPU can run (to test each),
+// FINTEAM_CPU_STREAMING=none none.
 const char* streaming_kernel();
 inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 
-// Rows per expert up to which skinny_gemm_bf16 beats ATen's GEMM: 32 for the AVX-512 kernels
-// (beyond, their FMA rate binds); 1024 for amx, whose tiles keep a task's block of weight rows
+// Rows per expert up to which skinny_gemm_bf16 beats ATen's GEMM: 32 for the AVX-512 and AVX2
+// kernels (beyond, their FMA rate binds); 1024 for amx, whose tiles keep a task's block of weight rows
 // in L2 while the whole batch passes over it (measured against oneDNN's AMX GEMM on a Xeon:
 // faster from 128 rows to 2048 tokens of a Mixtral-shaped layer; beyond, the packed batch
 // outgrows the caches).
@@ -34,9 +36,9 @@ void skinny_gemm_bf16(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0
                       float* out, int64_t ldo);
 
 // The batch rows of one expert (at most skinny_max_rows(), each D wide), prepared once for every
-// weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma one,
-// packed into tiles for the amx one. `whole_tiles`: every block of weight rows the caller will
-// pass has a multiple of 16 rows (then the amx kernel needs no fma layout for leftover rows).
+// weight row they meet: read in place by the vdpbf16ps kernel, widened to fp32 for the fma and
+// avx2 ones, packed into tiles for the amx one. `whole_tiles`: every block of weight rows the
+// caller will pass has a multiple of 16 rows (then the amx kernel needs no fma layout for leftover rows).
 class SkinnyRows {
  public:
   SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles);
@@ -47,7 +49,7 @@ class SkinnyRows {
                                int64_t);
   int64_t M_, stride_;
   std::vector<const c10::BFloat16*> rows_;
-  std::vector<float> wide_;  // M rows of `stride_` floats: each 32-block as its 16 even, then 16 odd elements
+  std::vector<float> wide_;  // M rows of `stride_` floats: each 32-block (16 for avx2) as its even, then odd elements
   std::vector<uint16_t> tiles_;  // amx::pack's layout (when D is a multiple of 32)
 };
 
