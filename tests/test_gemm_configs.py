@@ -151,3 +151,33 @@ def test_launch_config_order(table_dir, monkeypatch):
     capturing[0] = False
     monkeypatch.setattr(triton_helpers, "autotune_enabled", lambda: False)
     assert kernels.launch_config("gemm", "plain", other, 1000, 8, cuda0) == kernels.default_gemm_config("plain", 1000, 8)
+
+
+def test_a_tuned_launch_is_remembered(monkeypatch):
+    """After run-time tuning (on a stand-in benchmark that prefers the last config), later
+    launches of the same problem and row bucket, a CUDA-graph capture among them, take the
+    tuned config without tuning again."""
+    import finteam_kernels.ops._triton as triton_helpers
+    from finteam_kernels.ops.grouped_gemm import gemm
+
+    monkeypatch.setattr(kernels, "_TUNED_HERE", {})
+    monkeypatch.setattr(triton_helpers, "autotune_enabled", lambda: True)
+    runs = []
+    tuned = kernels.GEMM_TUNED["plain"]
+
+    def bench(kernel_call, quantiles):
+        runs.append(1)
+        kernel_call()
+        return [float(10 - len(runs))] * 3
+
+    monkeypatch.setitem(tuned.__dict__, "do_bench", bench)
+    counts, D, O = [5, 0, 12], 20, 9
+    x, w = torch.randn(sum(counts), D, dtype=torch.bfloat16), torch.randn(len(counts), O, D, dtype=torch.bfloat16)
+    offsets = offsets_of(counts)
+    y, _ = gemm(x, w, offsets)
+    assert len(runs) == len(kernels.GEMM_CONFIGS["plain"])
+    ((key, meta),) = kernels._TUNED_HERE.items()
+    assert meta == kernels.gemm_meta(kernels.GEMM_CONFIGS["plain"][-1])
+    assert kernels.launch_config("gemm", *key[1:3], 17, 3, torch.device("cpu")) == meta  # same bucket
+    y_again, _ = gemm(x, w, offsets)
+    assert len(runs) == len(kernels.GEMM_CONFIGS["plain"]) and torch.equal(y, y_again)

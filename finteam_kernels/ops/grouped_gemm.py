@@ -67,11 +67,7 @@ def gemm(a: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, 
     family = kernels.family(a.element_size(), glu, flags["DOT_PRECISION"])
     problem = kernels.gemm_problem(family, a, w_EOD, N, O, D, E, flags)
     with device_guard(a):
-        meta = kernels.launch_config("gemm", family, problem, N, E, a.device)
-        if meta is None:
-            kernels.GEMM_TUNED[family][grid](*args, **flags)
-        else:
-            kernels._grouped_gemm_kernel[grid(meta)](*args, **flags, **meta)
+        kernels.launch("gemm", family, problem, N, E, grid, args, flags, a.device)
     return y, h
 
 
@@ -100,11 +96,7 @@ def wgrad(dy: torch.Tensor, a: torch.Tensor, expert_offsets_E1: torch.Tensor, *,
     family = kernels.family(a.element_size(), precision=flags["DOT_PRECISION"])
     problem = kernels.wgrad_problem(family, dy, a, dw, O, D, E, flags)
     with device_guard(a):
-        meta = kernels.launch_config("wgrad", family, problem, N, E, a.device)
-        if meta is None:
-            kernels.WGRAD_TUNED[family][grid](*args, **flags)
-        else:
-            kernels._grouped_wgrad_kernel[grid(meta)](*args, **flags, **meta)
+        kernels.launch("wgrad", family, problem, N, E, grid, args, flags, a.device)
     return dw
 
 

@@ -316,25 +316,52 @@ def wgrad_problem(family_name: str, dy, a, dw, O: int, D: int, E: int, flags: di
                                layout=_layout((dy, 1), (a, 1), (dw, 2)), gather=flags["GATHER"])
 
 
+# (kind, family, problem, rows bucket) -> the config run-time tuning chose in this process
+_TUNED_HERE = {}
+
+
 def launch_config(kind: str, family_name: str, problem: str, rows: int, experts: int, device) -> dict | None:
     """The config of one launch of kernel `kind` ("gemm" or "wgrad"): the tuned table's entry
-    for this GPU and problem; else None, meaning "tune now", when tuning is on
-    (FINTEAM_AUTOTUNE, not under the interpreter) and the stream is not capturing a CUDA graph
-    (tuning runs and synchronises); else the family's heuristic."""
+    for this GPU and problem; else what run-time tuning chose for it earlier in this process;
+    else None, meaning "tune now", when tuning is on (FINTEAM_AUTOTUNE, not under the
+    interpreter) and the stream is not capturing a CUDA graph (tuning runs and synchronises);
+    else the family's heuristic. So a graph captured after an eager warm-up replays the configs
+    of that warm-up."""
     import torch
 
     from .. import configs
-    from ._triton import autotune_enabled
+    from ._triton import autotune_enabled, next_pow2
 
     meta = gemm_meta if kind == "gemm" else wgrad_meta
     tuned = configs.lookup(kind, device, problem, rows)
     if tuned is not None:
         return meta(tuned)
+    earlier = _TUNED_HERE.get((kind, family_name, problem, next_pow2(rows)))
+    if earlier is not None:
+        return earlier
     if autotune_enabled() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None
     if kind == "gemm":
         return default_gemm_config(family_name, rows, experts)
     return default_wgrad_config(family_name, rows, experts)
+
+
+def launch(kind: str, family_name: str, problem: str, rows: int, experts: int, grid, args: tuple, flags: dict,
+           device) -> None:
+    """Launch `_grouped_gemm_kernel` (kind "gemm") or `_grouped_wgrad_kernel` ("wgrad") with
+    the config `launch_config` picks, tuning it first when that says so."""
+    from ._triton import next_pow2
+
+    meta = launch_config(kind, family_name, problem, rows, experts, device)
+    if meta is None:
+        tuned = (GEMM_TUNED if kind == "gemm" else WGRAD_TUNED)[family_name]
+        tuned[grid](*args, **flags)
+        best = tuned.best_config
+        _TUNED_HERE[(kind, family_name, problem, next_pow2(rows))] = {
+            **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    else:
+        kernel = _grouped_gemm_kernel if kind == "gemm" else _grouped_wgrad_kernel
+        kernel[grid(meta)](*args, **flags, **meta)
 
 _GEMM_SIGNATURE = {
     "a_ptr": "*{t}", "index_ptr": "*i32", "b_ptr": "*{t}", "offsets_ptr": "*i64", "c_ptr": "*{t}", "h_ptr": "*{t}",
