@@ -21,9 +21,9 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import socket
-import pickle
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +143,8 @@ def load_model(path: Path, experts_implementation: str | None = None, dtype=torc
     """The transformers model saved at `path`, its files checked against SHA256SUMS first."""
     from transformers import AutoModelForCausalLM
 
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"no checkpoint at {path} (no config.json there): the stage that makes it has not run")
     remedy = f"rerun the stage that wrote {path} with --force"
     verify_sums(Path(path), remedy)
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
@@ -224,7 +226,7 @@ class RunLock:
         self.command = command
         self.file = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

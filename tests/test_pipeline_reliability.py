@@ -13,7 +13,15 @@ from safetensors.torch import load_file
 
 from finteam import model as models
 from finteam import pipeline
-from finteam.checkpoint import SUMS, CheckpointError, RunLock, load_model, load_train_state, save_model, verify_sums
+from finteam.checkpoint import (
+    SUMS,
+    CheckpointError,
+    RunLock,
+    load_model,
+    load_train_state,
+    save_model,
+    verify_sums,
+)
 from finteam.cli import main
 from finteam.config import TrainConfig, load_recipe, settings_of
 from finteam.tokenizer import load as load_tokenizer
@@ -159,6 +167,8 @@ def test_checkpoints_carry_checksums_and_a_later_stage_checks_them(prepared, tmp
     (model / SUMS).unlink()
     with pytest.raises(CheckpointError, match=f"cannot load the checkpoint {model}: "):
         load_model(model)
+    with pytest.raises(CheckpointError, match="no checkpoint at .*nothing \\(no config.json there\\)"):
+        load_model(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------
