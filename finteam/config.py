@@ -229,9 +229,11 @@ def parse_yaml(text: str, where: str):
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
+        mark, start = err.problem_mark, err.context_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{where}{at}: {err.problem or err.context}") from None
+        began = (f" ({err.context} that began on line {start.line + 1})"
+                 if err.problem and start is not None and mark is not None and start.line != mark.line else "")
+        raise RecipeError(f"{where}{at}: {err.problem or err.context}{began}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{where}: not valid YAML ({err})") from None
 

@@ -91,7 +91,8 @@ def write(tmp_path: Path, text: str) -> str:
 def test_yaml_syntax_errors_name_the_file_and_line(tmp_path, capsys):
     path = write(tmp_path, "name: smoke\nmodel:\n  base: smoke\n  seq_len: [64\n")
     err = fails(capsys, ["check", "--recipe", path])
-    assert f"recipe {path}, line " in err and "<unicode string>" not in err
+    assert f"recipe {path}, line 5, column 1: expected ',' or ']'" in err and "<unicode string>" not in err
+    assert "(while parsing a flow sequence that began on line 4)" in err
 
 
 def test_a_key_given_twice_is_an_error(tmp_path, capsys):
