@@ -2,7 +2,7 @@
 
     finteam run                           the tiny recipe end to end, then the results table
     finteam run --recipe smoke --seeds 3  another recipe, three seeds (mean and spread)
-    finteam data | tokenizer | pretrain | assemble | instruct | evaluate   one stage
+    finteam data | tokenizer | pretrain | assemble | mix | instruct | evaluate   one stage
     finteam generate --model runs/tiny/seed0/instruct/team/model --prompt "..."
     finteam check --recipe llama3-8b      read and check a recipe, print it, do nothing else
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import ROLES, RecipeError, check_world, load_recipe
 
-STAGES = ("data", "tokenizer", "pretrain", "assemble", "instruct", "evaluate")
+STAGES = ("data", "tokenizer", "pretrain", "assemble", "mix", "instruct", "evaluate")
 
 
 def count(text: str) -> int:
@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", parents=[common], help="the base, the role experts and the dense baseline")
     p.add_argument("--only", nargs="+", choices=["base", *ROLES, "dense"], help="train only these")
     sub.add_parser("assemble", parents=[common], help="merge the experts into a Mixtral (and the uniform-merge baseline)")
+    p = sub.add_parser("mix", parents=[common], help="train the team further on the mixed corpora (dense and merge get the same tokens)")
+    p.add_argument("--only", nargs="+", choices=["team", "dense", "merge"], help="train only these")
     p = sub.add_parser("instruct", parents=[common], help="instruction-tune the team and the baselines")
     p.add_argument("--only", nargs="+", choices=["team", "dense", *ROLES, "merge"], help="tune only these")
     sub.add_parser("evaluate", parents=[common], help="score every tuned model, routing, throughput, results table")
@@ -143,6 +145,8 @@ def _run(command: str, args, recipe) -> int:
                     pipeline.run_pretrain(recipe, k, args.force, args.only)
                 elif command == "assemble":
                     pipeline.run_assemble(recipe, k, args.force)
+                elif command == "mix":
+                    pipeline.run_mix(recipe, k, args.force, args.only)
                 elif command == "instruct":
                     pipeline.run_instruct(recipe, k, args.force, args.only)
                 elif command == "evaluate":

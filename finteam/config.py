@@ -135,6 +135,16 @@ class AssembleConfig:
 
 
 @dataclass
+class MixConfig:
+    # Branch-Train-MiX's "MiX" phase: the assembled team trains further on the three corpora
+    # mixed (next-token loss plus the router loss), so the averaged layers heal and the router
+    # learns before any task is seen. The dense baseline and the uniform merge continue on the
+    # same tokens, so the comparison stays compute-matched.
+    enabled: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class InstructConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainable: str = setting("all", choices=("all", "router", "router+attention"))
@@ -179,6 +189,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -32,7 +32,45 @@ PALETTE = "viridis"
 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], max_len: int, batch_size: int) -> torch.Tensor:
-    """[examples, choices]: summed log-probability of each choice (and its EOS) after each prompt."""
+    """[examples, choices]: summed log-probability of each choice (and its EOS) after each prompt.
+
+    Each prompt runs once: the prompts of a batch, left-padded, fill the KV cache; the cache is
+    repeated once per choice and every choice's tokens run on it in one more forward. A prompt
+    longer than `max_len` minus the longest choice loses its beginning. `choice_logprobs_plain`
+    is the same number from one full prompt+choice sequence per pair (the reference)."""
+    answers = [encode_example(tokenizer, "", c, max_len)[1] for c in choices]
+    C, width_c = len(choices), max(len(a) for a in answers)
+    choice_ids = torch.full((C, width_c), tokenizer.pad_token_id, dtype=torch.long)
+    choice_mask = torch.zeros_like(choice_ids)
+    for j, a in enumerate(answers):
+        choice_ids[j, : len(a)], choice_mask[j, : len(a)] = torch.tensor(a), 1
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_example(tokenizer, p, None, max_len - width_c)[0] for p in prompts[start : start + batch_size]]
+        B, width = len(encoded), max(len(e) for e in encoded)
+        ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e) :], mask[i, width - len(e) :] = torch.tensor(e), 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        first = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                      position_ids=positions.to(model.device), use_cache=True)
+        cache = first.cache
+        cache.batch_repeat_interleave(C)  # row b * C + j: prompt b, choice j
+        rest_ids, rest_mask = choice_ids.repeat(B, 1), choice_mask.repeat(B, 1)
+        rest_pos = mask.sum(-1).repeat_interleave(C).unsqueeze(-1) + torch.arange(width_c)
+        rest = model(input_ids=rest_ids.to(model.device), attention_mask=torch.cat([mask.repeat_interleave(C, 0), rest_mask], -1).to(model.device),
+                     position_ids=rest_pos.to(model.device), cache=cache, use_cache=True)
+        # the first choice token is predicted by the prompt's last position, token t by choice token t - 1
+        logits = torch.cat([first.logits[:, -1:].float().repeat_interleave(C, 0), rest.logits[:, :-1].float()], 1)
+        picked = torch.log_softmax(logits, -1).gather(-1, rest_ids.to(model.device).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * rest_mask.to(model.device)).sum(-1).view(B, C).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def choice_logprobs_plain(model, tokenizer, prompts: list[str], choices: list[str], max_len: int, batch_size: int) -> torch.Tensor:
+    """[examples, choices]: as `choice_logprobs`, one prompt+choice sequence per pair."""
     pairs = [encode_example(tokenizer, p, c, max_len) for p in prompts for c in choices]
     out = []
     for start in range(0, len(pairs), batch_size):
@@ -65,21 +103,33 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_len:
     return answers
 
 
-def evaluate_model(model, tokenizer, tests: dict[str, list[Example]], meta: dict, cfg, max_len: int) -> dict:
-    """{task: {metric: value}} on the test examples."""
+def predict(model, tokenizer, tests: dict[str, list[Example]], meta: dict, cfg, max_len: int) -> dict[str, list[str]]:
+    """{task: one answer per test example}: the most likely label, or the greedy generation."""
     model.eval()
-    results = {}
+    answers = {}
     for task, examples in tqdm(tests.items(), desc="evaluate", leave=False, disable=not sys.stderr.isatty()):
-        info = meta[task]
-        prompts, gold = [e.prompt for e in examples], [e.answer for e in examples]
-        if info["choices"]:
-            lp = choice_logprobs(model, tokenizer, prompts, info["choices"], max_len, cfg.batch_size)
-            pred = [info["choices"][i] for i in lp.argmax(-1).tolist()]
+        choices, prompts = meta[task]["choices"], [e.prompt for e in examples]
+        if choices:
+            lp = choice_logprobs(model, tokenizer, prompts, choices, max_len, cfg.batch_size)
+            answers[task] = [choices[i] for i in lp.argmax(-1).tolist()]
         else:
-            pred = generate(model, tokenizer, prompts, cfg.max_new_tokens, max_len, cfg.batch_size)
+            answers[task] = generate(model, tokenizer, prompts, cfg.max_new_tokens, max_len, cfg.batch_size)
+    return answers
+
+
+def scores(answers: dict[str, list[str]], tests: dict[str, list[Example]], meta: dict, cfg) -> dict:
+    """{task: {metric: value, "n": items}} of `answers` against the test examples."""
+    results = {}
+    for task, pred in answers.items():
+        info, gold = meta[task], [e.answer for e in tests[task]]
         results[task] = {k: round(v, 4) for k, v in score(info["metric"], pred, gold, info["choices"], cfg.numeric_tolerance).items()}
         results[task]["n"] = len(gold)
     return results
+
+
+def evaluate_model(model, tokenizer, tests: dict[str, list[Example]], meta: dict, cfg, max_len: int) -> dict:
+    """{task: {metric: value}} on the test examples."""
+    return scores(predict(model, tokenizer, tests, meta, cfg, max_len), tests, meta, cfg)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Layout of a run (`<out_dir>`, default `runs/<recipe name>/`):
   seed<K>/dense/model                      dense baseline, same active size, same tokens
   seed<K>/moe/model                        the assembled team (Mixtral)
   seed<K>/merge/model                      uniform merge of the experts, no router
+  seed<K>/mix/<team|dense|merge>/model     after the mix stage (same extra tokens for each)
   seed<K>/instruct/<team|dense|macro|micro|quant|merge>/model
   seed<K>/eval/results.json                per-model scores, routing
   results.json  results.md  routing.png    over all seeds
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import assemble, data, evaluate, instruct, pretrain, report
+from . import assemble, data, evaluate, instruct, metrics, mix, pretrain, report, stats
 from . import model as models
 from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
@@ -68,6 +69,9 @@ class Paths:
 
     def tuned(self, k: int, name: str) -> Path:
         return self.seed(k) / "instruct" / name
+
+    def mixed(self, k: int, name: str) -> Path:
+        return self.seed(k) / "mix" / name
 
 
 def device_of(recipe: Recipe) -> torch.device:
@@ -236,8 +240,29 @@ def run_assemble(recipe: Recipe, k: int, force: bool = False) -> None:
               needs=("seed",), inputs=(p.tokenizer, *[e.parent for e in experts]))
 
 
-def source_of(p: Paths, k: int, name: str) -> Path:
+def assembled(p: Paths, k: int, name: str) -> Path:
+    """What the mix stage starts from (and instruct, with the mix stage off)."""
     return p.model(k, "moe" if name == "team" else name) / "model"
+
+
+def mixed_names(recipe: Recipe) -> list[str]:
+    return [n for n in model_names(recipe) if n in mix.MIXED] if recipe.mix.enabled else []
+
+
+def run_mix(recipe: Recipe, k: int, force: bool = False, only: list[str] | None = None) -> None:
+    p, dev, seed = Paths(recipe.run_dir), device_of(recipe), recipe.seed + k
+    tok = made_tokenizer(recipe)
+    for name in only or mixed_names(recipe):
+        out = p.mixed(k, name)
+        stage(f"mix {name}", out, recipe, force,
+              lambda: mix.run(recipe, assembled(p, k, name), p.data, tok, out, seed, f"mix {name}", dev),
+              needs=("seed", "model", "precision", "mix"), inputs=(p.data, p.tokenizer, assembled(p, k, name).parent))
+
+
+def source_of(recipe: Recipe, p: Paths, k: int, name: str) -> Path:
+    if name in mixed_names(recipe):
+        return p.mixed(k, name) / "model"
+    return assembled(p, k, name)
 
 
 def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | None = None) -> None:
@@ -246,8 +271,8 @@ def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
     for name in only or model_names(recipe):
         out = p.tuned(k, name)
         stage(f"instruct {name}", out, recipe, force,
-              lambda: instruct.run(recipe, source_of(p, k, name), p.data, tok, out, seed, f"instruct {name}", dev),
-              needs=("seed", "precision", "instruct"), inputs=(p.data, p.tokenizer, source_of(p, k, name).parent))
+              lambda: instruct.run(recipe, source_of(recipe, p, k, name), p.data, tok, out, seed, f"instruct {name}", dev),
+              needs=("seed", "precision", "instruct"), inputs=(p.data, p.tokenizer, source_of(recipe, p, k, name).parent))
 
 
 def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:
@@ -269,26 +294,48 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
     tests, meta = test_sets(recipe, p.data)
 
     def scores() -> dict:
-        results, table = {}, {}
+        results, table, answers = {}, {}, {}
         for name in model_names(recipe):
             model = load_model(p.tuned(k, name) / "model").to(device_of(recipe))
             if instruct.is_moe(model):
                 models.use_experts(model, recipe.instruct.experts_implementation)
                 table = evaluate.routing(model, tok, tests, recipe.instruct.max_len, recipe.evaluate.batch_size)
             t0 = time.perf_counter()
-            results[label(name)] = evaluate.evaluate_model(model, tok, tests, meta, recipe.evaluate, recipe.instruct.max_len)
+            answers[label(name)] = evaluate.predict(model, tok, tests, meta, recipe.evaluate, recipe.instruct.max_len)
+            results[label(name)] = evaluate.scores(answers[label(name)], tests, meta, recipe.evaluate)
             log(f"evaluate {label(name)}  " + "  ".join(f"{t} {next(iter(m.values())):.3f}" for t, m in results[label(name)].items())
                 + f"  ({duration(time.perf_counter() - t0)})")
         speed = {}
         if recipe.evaluate.throughput and k == 0:
             dense = p.tuned(k, "dense") / "model" if "dense" in recipe.evaluate.baselines else None
             speed = evaluate.throughput_table(p.tuned(k, "team") / "model", dense, recipe.evaluate)
-        write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table, "throughput": speed})
+        gold = {t: [e.answer for e in examples] for t, examples in tests.items()}
+        write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table, "throughput": speed,
+                                                          "predictions": answers, "gold": gold, "compute": compute(recipe, k)})
         return {"models": list(results)}
 
     stage("evaluate", p.seed(k) / "eval", recipe, force, scores,
           needs=("evaluate", "instruct.max_len", "instruct.experts_implementation"),
           inputs=(p.data, p.tokenizer, *[p.tuned(k, name) for name in model_names(recipe)]))
+
+
+def compute(recipe: Recipe, k: int) -> dict:
+    """{model label: {"tokens", "flops"}}: every finished training stage behind each tuned model."""
+    from transformers import AutoConfig
+
+    p = Paths(recipe.run_dir)
+    folders = {"pretrain": p.model, "mix": p.mixed, "instruct": p.tuned}
+    out = {}
+    for name in model_names(recipe):
+        stages = {}
+        for step in mix.lineage(name, recipe):
+            kind, what = step.split(" ", 1)
+            folder = folders[kind](k, what)
+            finished = done(folder)
+            if finished and (folder / "model" / "config.json").is_file():
+                stages[step] = (finished.get("summary", {}), AutoConfig.from_pretrained(folder / "model"))
+        out[label(name)] = mix.account(stages)
+    return out
 
 
 def label(name: str) -> str:
@@ -314,11 +361,23 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     if routing:
         evaluate.heat_map(routing, expert_names(recipe), p.run / "routing.png")
     speed = per_seed[0].get("throughput", {})
-    notes = [f"{len(seeds)} seed(s) (mean ± sample standard deviation when more than one); test examples per task: "
+    predictions = {m: [r["predictions"][m] for r in per_seed] for m in per_seed[0]["scores"]}
+    gold = {t: [e.answer for e in v] for t, v in tests.items()}
+    tasks = {t: {**meta[t], "gold": gold[t]} for t in tests}
+    intervals = stats.summarise(stats.Bootstrap(tasks, predictions, recipe.evaluate.numeric_tolerance), list(predictions),
+                                label("team"))
+    flags = report.collapsed(predictions, meta)
+    majority = {t: evaluate.scores({t: metrics.majority_answers(gold[t])}, tests, meta, recipe.evaluate)[t]
+                [metrics.HEADLINE[meta[t]["metric"]]] for t in tests if meta[t]["choices"]}
+    specialisation = [report.routing_specialisation(r["routing"], meta, expert_names(recipe)) for r in per_seed if r["routing"]]
+    notes = [f"{len(seeds)} seed(s); each score with its 95% interval from a paired bootstrap over test items and seeds "
+             f"({intervals['reps']} replicates, finteam/stats.py); test examples per task: "
              + ", ".join(f"{t} {len(v)}" for t, v in tests.items()) + "."]
     notes.append("Held out: no test item (prompt, or the post after `Text:` for real files) occurs in train or valid.")
-    text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes)
-    write_json(p.run / "results.json", {"summary": summary, "per_seed": per_seed, "throughput": speed,
+    text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes, intervals=intervals, flags=flags,
+                           majority=majority, specialisation=specialisation, compute=per_seed[0].get("compute"))
+    write_json(p.run / "results.json", {"summary": summary, "intervals": intervals, "collapsed": flags, "majority": majority,
+                                        "specialisation": specialisation, "per_seed": per_seed, "throughput": speed,
                                         "routing_mean": routing_mean, "tasks": meta, **stamp(recipe, "report")})
     (p.run / "results.md").write_text(text + "\n")
     return text
@@ -331,6 +390,7 @@ def run_all(recipe: Recipe, seeds: int = 1, force: bool = False) -> str:
     for k in ks:
         run_pretrain(recipe, k, force)
         run_assemble(recipe, k, force)
+        run_mix(recipe, k, force)
         run_instruct(recipe, k, force)
         run_evaluate(recipe, k, force)
     if rank_and_size()[0] != 0:

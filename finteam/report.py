@@ -150,14 +150,15 @@ def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, ex
     of `reference` from every other model, and the optional sections given."""
     tasks = list(meta)
     if intervals:
-        lines = [interval_table(intervals, meta, flags or {}), "", f"Paired differences, {reference} minus each model "
+        lines = [interval_table(intervals, meta, flags or {}, majority or {}), "", f"Paired differences, {reference} minus each model "
                  "(95% interval; ✓ the team is ahead, ✗ behind, interval excluding zero):", "",
                  paired_table(intervals, meta, reference)]
     else:
         lines = [spread_table(summary, meta)]
     if flags:
         lines += ["", "† collapsed (one answer to more than 90% of a label task's items): " + "; ".join(
-            f"{m} {t} seed {k} '{a}' {share:.0%}" for m, ts in flags.items() for t, hits in ts.items() for k, a, share in hits) + "."]
+            f"{m} {t} (" + ", ".join(f"seed {k} '{a}' {share:.0%}" for k, a, share in hits) + ")"
+            for m, ts in flags.items() for t, hits in ts.items()) + "."]
     extra = []
     for model, scores in summary.items():
         for t in tasks:
