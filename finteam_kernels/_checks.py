@@ -1,14 +1,22 @@
 """Argument checks shared by the ops: every error names the op, the argument, what was expected
 and what came.
 
-Value checks (ids in range) read the data. On a CPU tensor that is free; on a GPU they are
-queued as a device-side assertion, so they never synchronise with the host; while torch.compile
-traces they are skipped (there is no data to read).
+Value checks (ids and plan indices in range) read the data. On a CPU tensor that is cheap; on a
+GPU they are queued as a device-side assertion, so they never synchronise with the host. While
+torch.compile traces there is no data to read: the check goes into the graph as an asynchronous
+assertion (which is what stops the reference backend's indexing), and the public op tells its
+custom op that the values are unchecked, so that the custom op checks them before its kernel
+runs (the graph may order the two either way). A plan made by `dispatch` is not checked at all
+(`_types.is_issued`). Whatever gets through, the kernels still never read or
+write out of bounds: they mask indices outside their range (and the compiled CPU library
+refuses them).
 """
 import math
 from collections.abc import Iterable
 
 import torch
+
+from ._types import is_issued
 
 ID_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -90,21 +98,49 @@ def check_choice(op: str, name: str, value, choices: Iterable[str]) -> None:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_ids(op: str, name: str, ids: torch.Tensor, num_experts: int) -> None:
-    """Expert ids are int32/int64 and lie in [0, num_experts)."""
+def check_ids(op: str, name: str, ids: torch.Tensor, num_experts: int) -> bool:
+    """Expert ids are int32/int64 and lie in [0, num_experts). Returns check_range's answer."""
     if ids.dtype not in ID_DTYPES:
         raise TypeError(
             f"{op}: {name} must hold int32 or int64 expert ids; got {str(ids.dtype).removeprefix('torch.')}"
         )
-    if ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    message = f"{op}: {name} must hold expert ids in [0, {num_experts})"
-    if ids.device.type == "cpu":
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"{message}; got ids from {lo} to {hi}")
+    return check_range(op, name, ids, num_experts, "expert ids", noun="ids")
+
+
+def check_range(op: str, name: str, t: torch.Tensor, bound: int, what: str, noun: str = "values") -> bool:
+    """Every value of the integer tensor `t` lies in [0, bound): read at once on a CPU tensor, a
+    device-side assertion on a GPU, an assertion in the graph while torch.compile traces. Returns
+    whether the values are known to be checked when the caller's kernel runs (not when traced)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    message = f"{op}: {name} must hold {what} in [0, {bound})"
+    if torch.compiler.is_compiling():
+        torch._assert_async((lo >= 0) & (hi < bound), message)
+        return False
+    if t.device.type == "cpu":
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{message}; got {noun} from {lo} to {hi}")
     else:
-        torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), message)
+        torch._assert_async((lo >= 0) & (hi < bound), message)
+    return True
+
+
+def check_plan_indices(op: str, plan) -> bool:
+    """A plan's row_to_slot_N and slot_to_row_N lie in [0, N), unless `dispatch` made it and it is
+    untouched. Returns whether the plan is known to be good when the caller's kernel runs."""
+    if not torch.compiler.is_compiling() and is_issued(plan):
+        return True
+    return check_rows(op, plan.row_to_slot_N, plan.slot_to_row_N)
+
+
+def check_rows(op: str, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor) -> bool:
+    """The two index arrays of a plan lie in [0, N) (see check_range)."""
+    N = row_to_slot_N.shape[0]
+    what = f"slots and rows of the plan (N = {N})"
+    rows_ok = check_range(op, "plan.row_to_slot_N", row_to_slot_N, N, what)
+    return check_range(op, "plan.slot_to_row_N", slot_to_row_N, N, what) and rows_ok
 
 
 def check_plan(op: str, plan, num_tokens: int) -> int:
@@ -124,18 +160,26 @@ def check_plan(op: str, plan, num_tokens: int) -> int:
     return N // num_tokens
 
 
-def check_offsets(op: str, name: str, offsets: torch.Tensor, num_experts: int, num_rows: int) -> None:
+def check_offsets(op: str, name: str, offsets: torch.Tensor, num_experts: int, num_rows: int) -> bool:
     """Expert offsets: an int64 [E+1] tensor that starts at 0, never decreases and ends at the
-    row count (read on a CPU tensor, a device-side assertion on a GPU, skipped while compiling)."""
+    row count (read on a CPU tensor, a device-side assertion on a GPU). Returns whether the
+    values were checked (False while torch.compile traces: see the module docstring)."""
     check_tensor(op, name, offsets, "E+1", dtypes=(torch.int64,))
     check_dim(op, name, offsets, 0, num_experts + 1, "E+1, one more than the number of experts")
-    if torch.compiler.is_compiling():
-        return
+    return check_offset_values(op, name, offsets, num_rows)
+
+
+def check_offset_values(op: str, name: str, offsets: torch.Tensor, num_rows: int) -> bool:
+    """The values part of check_offsets (same return value)."""
     message = f"{op}: {name} must start at 0, never decrease and end at {num_rows} (the number of rows)"
     valid = (offsets[0] == 0) & (offsets[-1] == num_rows) & (offsets.diff() >= 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid, message)
+        return False
     if offsets.device.type == "cpu":
         if not bool(valid):
             shown = offsets.tolist() if offsets.numel() <= 10 else f"{offsets[:5].tolist()} ... {offsets[-5:].tolist()}"
             raise ValueError(f"{message}; got {shown}")
     else:
         torch._assert_async(valid, message)
+    return True

@@ -1,6 +1,11 @@
 """The small results of the MoE ops, as NamedTuples so they pass through torch.compile.
 
 Shape legend: T tokens, E experts, K top-k, N = T*K routed rows.
+
+A DispatchPlan is public and can be built or edited by anyone, so the ops that read its indices
+validate it, except a plan that `dispatch` made and that nobody has written to since
+(`issued_plan` / `is_issued`): its indices are in range by construction, and checking them again
+would cost a pass over them (and, on a GPU, extra launches) on every call.
 """
 from typing import NamedTuple
 
@@ -34,3 +39,25 @@ class RouterLosses(NamedTuple):
 
     aux_loss: torch.Tensor  # load balancing: E * sum_e f_e * P_e
     z_loss: torch.Tensor  # mean over tokens of logsumexp(logits)^2
+
+
+class _IssuedPlan(DispatchPlan):
+    """A DispatchPlan as `dispatch` returned it. It remembers the version counters of its tensors,
+    which every in-place write bumps; `_replace` and `_make` give a plain copy of this class
+    without them, which counts as foreign."""
+
+
+def issued_plan(*fields: torch.Tensor) -> DispatchPlan:
+    """The plan `dispatch` returns: a DispatchPlan the ops trust while its tensors are unwritten
+    (a plain one while torch.compile traces, which has no version counters to read)."""
+    if torch.compiler.is_compiling():
+        return DispatchPlan(*fields)
+    plan = _IssuedPlan(*fields)
+    plan._versions = tuple(t._version for t in fields)
+    return plan
+
+
+def is_issued(plan) -> bool:
+    """True for a plan made by `dispatch` whose tensors nobody has written to since."""
+    versions = getattr(plan, "_versions", None) if type(plan) is _IssuedPlan else None
+    return versions is not None and versions == tuple(t._version for t in plan)

@@ -27,9 +27,9 @@ from . import _checks
 from ._autocast import compute_dtype
 from ._backend import BACKENDS
 from ._layer_state import ExpertsStateMixin, check_number, zero_bias_when_missing
-from .ops.moe_experts import moe_experts
-from .ops.router_losses import router_losses
-from .ops.topk_gating import topk_gating
+from .ops.moe_experts import routed_experts
+from .ops.router_losses import routed_losses
+from .ops.topk_gating import routed_gating
 from .parallel import expert_parallel_experts, shard_range
 from .reference import ACTIVATIONS
 from .router import RouterStats, capacity_keep
@@ -66,11 +66,14 @@ class FinTeamExperts(ExpertsStateMixin, nn.Module):
                 setattr(self, name, nn.Parameter(w[lo:hi].clone(), requires_grad=w.requires_grad))
         self.expert_range, self.ep_group = (lo, hi), ep_group
 
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, activation: str, backend) -> torch.Tensor:
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, activation: str, backend,
+                tokens_per_expert_E=None) -> torch.Tensor:
+        """The routing comes from the layer's own topk_gating (ids in range, counts of those ids)."""
         dtype = compute_dtype(x_TH.device, self.gate_up_proj.dtype)
         x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (x_TH, self.gate_up_proj, self.down_proj))
         if self.ep_group is None:
-            return moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, backend=backend)
+            return routed_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, backend,
+                                  tokens_per_expert_E=tokens_per_expert_E)
         return expert_parallel_experts(
             x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, self.ep_group, backend=backend
         )
@@ -160,7 +163,8 @@ class FinTeamMoE(nn.Module):
         self.register_buffer("expert_load_E", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_load_state_dict_pre_hook(zero_bias_when_missing)
-        self.router_stats: RouterStats | None = None
+        self._router_stats: RouterStats | None = None
+        self._last_routing = None  # what router_stats is made of, until it is first read
         if ep_group is not None:
             self.shard_experts_(ep_group)
 
@@ -168,26 +172,53 @@ class FinTeamMoE(nn.Module):
         self._check_input(x)
         x_TH = x.reshape(-1, self.hidden_size)
         logits_TE = self.gate(x_TH)
-        routing = topk_gating(
-            logits_TE, self.top_k, score=self.score, renormalize=self.renormalize, expert_bias=self.expert_bias,
-            num_groups=self.num_groups, topk_groups=self.topk_groups, scaling=self.scaling, backend=self.backend,
-        )
-        weights_TK, dropped = routing.weights_TK, torch.zeros((), dtype=torch.int64, device=x.device)
+        # the arguments were checked when the layer was built: gating, experts and losses skip it
+        routing = routed_gating(logits_TE, self.top_k, self.score, self.renormalize, self.expert_bias,
+                                self.num_groups, self.topk_groups, self.scaling, self.backend)
+        weights_TK, dropped = routing.weights_TK, None
         if self.capacity_factor is not None:
             keep_TK, dropped = capacity_keep(routing.ids_TK, self.num_experts, self.capacity_factor, self.backend)
             weights_TK = weights_TK * keep_TK
-        out_TH = self.experts(x_TH, routing.ids_TK, weights_TK, self.activation, self.backend)
+        out_TH = self.experts(x_TH, routing.ids_TK, weights_TK, self.activation, self.backend,
+                              tokens_per_expert_E=routing.tokens_per_expert_E)
         if self.shared_expert is not None:
             shared_TH = self.shared_expert(x_TH)
             if self.shared_expert_gate is not None:
                 shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
             out_TH = out_TH + shared_TH
-        losses = router_losses(logits_TE, routing.ids_TK, self.num_experts, backend=self.backend)
-        self.router_stats = RouterStats(losses.aux_loss, losses.z_loss, routing.tokens_per_expert_E, dropped)
+        # The losses join the graph now when a backward can reach them; otherwise they are
+        # computed only if router_stats is read (evaluation and decoding never pay for them).
+        losses = None
+        if torch.is_grad_enabled() and logits_TE.requires_grad:
+            losses = routed_losses(logits_TE, routing.ids_TK, self.num_experts, self.backend)
+        self._router_stats, self._last_routing = None, (logits_TE.detach(), routing, dropped, losses)
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
                 self.expert_load_E += routing.tokens_per_expert_E
         return out_TH.view(*x.shape[:-1], self.hidden_size)
+
+    @property
+    def router_stats(self) -> RouterStats | None:
+        """What the router did in the last forward (None before the first); no host sync."""
+        if self._last_routing is not None:
+            logits_TE, routing, dropped, losses = self._last_routing
+            if losses is None:
+                losses = routed_losses(logits_TE, routing.ids_TK, self.num_experts, self.backend)
+            if dropped is None:
+                dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
+            self._router_stats = RouterStats(losses.aux_loss, losses.z_loss, routing.tokens_per_expert_E, dropped)
+            self._last_routing = None
+        return self._router_stats
+
+    def __getstate__(self):
+        """For copy.deepcopy and pickling: the last forward's losses are part of that forward's
+        autograd graph, which a copy cannot share (and deepcopy refuses non-leaf tensors), so a
+        copy keeps them detached."""
+        state = self.__dict__.copy()
+        stats = self.router_stats
+        state["_router_stats"] = None if stats is None else RouterStats(*(t.detach() for t in stats))
+        state["_last_routing"] = None
+        return state
 
     def _apply(self, fn, recurse=True):
         bias_E = self.expert_bias

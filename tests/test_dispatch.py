@@ -134,7 +134,7 @@ def test_dispatch_opcheck():
     if "triton" not in BACKENDS:
         pytest.skip("triton is not installed")
     for ids in (torch.randint(0, 5, (9, 2), dtype=torch.int32), torch.zeros((0, 3), dtype=torch.int64)):
-        torch.library.opcheck(torch.ops.finteam.dispatch.default, (ids, 5, "triton"))
+        torch.library.opcheck(torch.ops.finteam.dispatch.default, (ids, 5, False, "triton"))
 
 
 def test_dispatch_errors():

@@ -233,7 +233,7 @@ def test_grouped_gemm_opcheck():
     offsets = offsets_of(counts)
     x = torch.randn(sum(counts), D, requires_grad=True)
     w = torch.randn(len(counts), O, D, requires_grad=True)
-    torch.library.opcheck(torch.ops.finteam.grouped_gemm.default, (x, w, offsets, "triton"))
+    torch.library.opcheck(torch.ops.finteam.grouped_gemm.default, (x, w, offsets, False, "triton"))
     grad = torch.randn(sum(counts), O)
     torch.library.opcheck(torch.ops.finteam.grouped_gemm_backward.default,
                           (grad, x.detach(), w.detach(), offsets, "triton"))

@@ -190,7 +190,8 @@ def test_moe_experts_keeps_only_h_for_backward(backend):
     kept = sorted(tuple(t.shape) for t in saved if t.is_floating_point() and t.data_ptr() not in inputs)
     assert kept == [(T * K, 2 * I)], kept
     with torch.no_grad():
-        out, h_N2I, *_ = torch.ops.finteam.moe_experts(x, ids, weights, w_gate_up, w_down, "silu", False, backend)
+        out, h_N2I, *_ = torch.ops.finteam.moe_experts(x, ids, weights, w_gate_up, w_down, "silu", False, False, None,
+                                                       backend)
     assert h_N2I.shape == (0, 2 * I)
 
 
@@ -268,9 +269,9 @@ def test_moe_experts_opcheck():
     for t in (x, weights, w_gate_up, w_down):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.finteam.moe_experts.default,
-                          (x, ids, weights, w_gate_up, w_down, "silu", True, "triton"))
+                          (x, ids, weights, w_gate_up, w_down, "silu", True, False, None, "triton"))
     _, h_N2I, offsets, row_to_slot, slot_to_row = torch.ops.finteam.moe_experts(
-        x, ids, weights, w_gate_up, w_down, "silu", True, "triton")
+        x, ids, weights, w_gate_up, w_down, "silu", True, False, None, "triton")
     torch.library.opcheck(torch.ops.finteam.moe_experts_backward.default,
                           (torch.randn(x.shape), x.detach(), weights.detach(), w_gate_up.detach(), w_down.detach(),
                            h_N2I.detach(), offsets, row_to_slot, slot_to_row, "silu", "triton"))

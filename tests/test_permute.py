@@ -108,7 +108,7 @@ def test_permute_opcheck():
     plan = dispatch(routed(T, K, E), E, backend="reference")
     x = torch.randn(T, H, requires_grad=True)
     torch.library.opcheck(torch.ops.finteam.permute.default,
-                          (x, plan.row_to_slot_N, plan.slot_to_row_N, K, "triton"))
+                          (x, plan.row_to_slot_N, plan.slot_to_row_N, K, False, "triton"))
     torch.library.opcheck(torch.ops.finteam.permute_backward.default,
                           (torch.randn(T * K, H), plan.slot_to_row_N, K, "triton"))
 

@@ -231,7 +231,7 @@ def test_balanced_router_scores_k():
 def test_opcheck(backend):
     x_TE = torch.randn(5, 8, requires_grad=True)
     ids_TK = _ids(x_TE.detach(), 2)
-    torch.library.opcheck(torch.ops.finteam.router_losses.default, (x_TE, ids_TK, 8, backend))
+    torch.library.opcheck(torch.ops.finteam.router_losses.default, (x_TE, ids_TK, 8, False, backend))
     torch.library.opcheck(torch.ops.finteam.router_losses_backward.default,
                           (torch.randn(()), torch.randn(()), x_TE.detach(), ids_TK, 8, backend))
 

@@ -143,7 +143,7 @@ def test_unpermute_opcheck():
     y, plan, w = case("odd", torch.float32, torch.float32)
     y.requires_grad_(), w.requires_grad_()
     torch.library.opcheck(torch.ops.finteam.unpermute.default,
-                          (y, plan.row_to_slot_N, plan.slot_to_row_N, w, "triton"))
+                          (y, plan.row_to_slot_N, plan.slot_to_row_N, w, False, "triton"))
     grad = torch.randn(w.shape[0], y.shape[1])
     torch.library.opcheck(torch.ops.finteam.unpermute_backward.default,
                           (grad, y.detach(), plan.row_to_slot_N, plan.slot_to_row_N, w.detach(), "triton"))

@@ -114,13 +114,15 @@ def grouped_gemm_bwd(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Ten
 
 
 @torch.library.custom_op("finteam::grouped_gemm", mutates_args=())
-def _grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor,
+def _grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, offsets_checked: bool,
                   backend: str) -> torch.Tensor:
+    if not offsets_checked:  # traced by torch.compile: the offsets are first seen here
+        _checks.check_offset_values("grouped_gemm", "expert_offsets_E1", expert_offsets_E1, x_ND.shape[0])
     return kernel("grouped_gemm_fwd", backend, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
 
 
 @_grouped_gemm.register_fake
-def _(x_ND, w_EOD, expert_offsets_E1, backend):
+def _(x_ND, w_EOD, expert_offsets_E1, offsets_checked, backend):
     return x_ND.new_empty((x_ND.shape[0], w_EOD.shape[1]))
 
 
@@ -136,14 +138,14 @@ def _(grad_NO, x_ND, w_EOD, expert_offsets_E1, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x_ND, w_EOD, expert_offsets_E1, ctx.backend = inputs
+    x_ND, w_EOD, expert_offsets_E1, _, ctx.backend = inputs
     ctx.save_for_backward(x_ND, w_EOD, expert_offsets_E1)
 
 
 def _backward(ctx, grad_NO):
     x_ND, w_EOD, expert_offsets_E1 = ctx.saved_tensors
     grad_x_ND, grad_w_EOD = _grouped_gemm_backward(grad_NO, x_ND, w_EOD, expert_offsets_E1, ctx.backend)
-    return grad_x_ND, grad_w_EOD, None, None
+    return grad_x_ND, grad_w_EOD, None, None, None
 
 
 _grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
@@ -160,10 +162,10 @@ def grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: tor
     _checks.check_dim(op, "w_EOD", w_EOD, 2, x_ND.shape[1], "D, the width of x_ND")
     _checks.check_tensor(op, "expert_offsets_E1", expert_offsets_E1, "E+1", dtypes=(torch.int64,))
     _checks.check_same_device(op, x_ND=x_ND, w_EOD=w_EOD, expert_offsets_E1=expert_offsets_E1)
-    _checks.check_offsets(op, "expert_offsets_E1", expert_offsets_E1, w_EOD.shape[0], x_ND.shape[0])
+    offsets_checked = _checks.check_offsets(op, "expert_offsets_E1", expert_offsets_E1, w_EOD.shape[0], x_ND.shape[0])
     name = pick_backend(backend, x_ND.device, op)
     if name == "reference":
         return reference.grouped_gemm(x_ND, w_EOD, expert_offsets_E1)
     if direct_call(x_ND, w_EOD):
         return kernel("grouped_gemm_fwd", name, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
-    return _grouped_gemm(x_ND, w_EOD, expert_offsets_E1, name)
+    return _grouped_gemm(x_ND, w_EOD, expert_offsets_E1, offsets_checked, name)

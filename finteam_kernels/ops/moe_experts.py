@@ -21,6 +21,8 @@ x_NH (a gather) nor y_NH (never needed: see moe_experts_kernels.py):
 Each temporary is released once used, so the backward's peak beyond its outputs is h and dh plus
 one [N, I] or [N, H] buffer.
 """
+from typing import Optional
+
 import torch
 
 from .. import _checks, reference
@@ -35,11 +37,14 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def moe_experts_fwd(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                    w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool):
+                    w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
+                    tokens_per_expert_E: torch.Tensor | None = None):
     """Triton launcher of the forward: (out_TH, h_N2I, expert_offsets_E1, row_to_slot_N, slot_to_row_N),
-    h_N2I being [0, 2I] unless needs_grad."""
+    h_N2I being [0, 2I] unless needs_grad. `tokens_per_expert_E`: the ids' counts when the
+    caller has them (topk_gating's), so that dispatch does not count again."""
     K = topk_ids_TK.shape[1]
-    expert_offsets_E1, _, row_to_slot_N, slot_to_row_N = dispatch_fwd(topk_ids_TK, w_gate_up_E2IH.shape[0])
+    expert_offsets_E1, _, row_to_slot_N, slot_to_row_N = dispatch_fwd(
+        topk_ids_TK, w_gate_up_E2IH.shape[0], tokens_per_expert_E)
     a_NI, h_N2I = gemm(x_TH, w_gate_up_E2IH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K,
                        activation=activation, keep_h=needs_grad)
     y_NH, _ = gemm(a_NI, w_down_EHI, expert_offsets_E1)
@@ -90,16 +95,31 @@ def moe_experts_bwd(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: 
     return grad_x_TH, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI
 
 
-@torch.library.custom_op("finteam::moe_experts", mutates_args=())
-def _moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                 w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel("moe_experts_fwd", backend, moe_experts_fwd)(
+def _forward(backend: str, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
+             tokens_per_expert_E):
+    """The forward on a kernel backend; only the Triton one takes the counts (the compiled ones
+    count on the way, at no launch cost)."""
+    if backend == "triton":
+        return moe_experts_fwd(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation,
+                               needs_grad, tokens_per_expert_E)
+    return kernel("moe_experts_fwd", backend, None)(
         x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad)
 
 
+@torch.library.custom_op("finteam::moe_experts", mutates_args=())
+def _moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
+                 ids_checked: bool, tokens_per_expert_E: Optional[torch.Tensor],
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not ids_checked:  # traced by torch.compile: the ids are first seen here
+        _checks.check_ids("moe_experts", "topk_ids_TK", topk_ids_TK, w_gate_up_E2IH.shape[0])
+    return _forward(backend, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
+                    tokens_per_expert_E)
+
+
 @_moe_experts.register_fake
-def _(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad, backend):
+def _(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad, ids_checked,
+      tokens_per_expert_E, backend):
     T, K = topk_ids_TK.shape
     E, I2, H = w_gate_up_E2IH.shape
     N = T * K
@@ -127,7 +147,7 @@ def _(grad_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, h_N2I, expert_
 
 
 def _setup_context(ctx, inputs, output):
-    x_TH, _, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, ctx.activation, _, ctx.backend = inputs
+    x_TH, _, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, ctx.activation, _, _, _, ctx.backend = inputs
     _, h_N2I, expert_offsets_E1, row_to_slot_N, slot_to_row_N = output
     ctx.mark_non_differentiable(h_N2I)
     ctx.save_for_backward(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, h_N2I, expert_offsets_E1,
@@ -137,7 +157,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_TH, *_):
     grads = _moe_experts_backward(grad_TH, *ctx.saved_tensors, ctx.activation, ctx.backend)
     grad_x_TH, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI = grads
-    return grad_x_TH, None, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI, None, None, None
+    return grad_x_TH, None, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI, None, None, None, None, None
 
 
 _moe_experts.register_autograd(_backward, setup_context=_setup_context)
@@ -168,7 +188,6 @@ def _check(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activ
     _checks.check_int(op, "K (topk_ids_TK.shape[1])", K, 1, E, f" (experts per token, with E = {E})")
     _checks.check_same_device(op, x_TH=x_TH, topk_ids_TK=topk_ids_TK, topk_weights_TK=topk_weights_TK,
                               w_gate_up_E2IH=w_gate_up_E2IH, w_down_EHI=w_down_EHI)
-    _checks.check_ids(op, "topk_ids_TK", topk_ids_TK, E)
 
 
 def moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -182,13 +201,24 @@ def moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
     routing weights fp32, bf16 or fp16. Differentiable in x, the routing weights and both weights.
     """
     _check(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation)
+    ids_checked = _checks.check_ids("moe_experts", "topk_ids_TK", topk_ids_TK, w_gate_up_E2IH.shape[0])
+    return routed_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, backend,
+                          ids_checked=ids_checked)
+
+
+def routed_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                   w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, backend: str | None, *,
+                   ids_checked: bool = True, tokens_per_expert_E: torch.Tensor | None = None) -> torch.Tensor:
+    """moe_experts without its argument checks, for a caller that made the routing itself with
+    topk_gating (ids in [0, E) by construction, arguments consistent): FinTeamMoE. Its counts
+    `tokens_per_expert_E` spare dispatch a count."""
     name = pick_backend(backend, x_TH.device, "moe_experts")
     if name == "reference":
         return reference.moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation)
     if direct_call(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
-        return kernel("moe_experts_fwd", name, moe_experts_fwd)(
-            x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, False)[0]
+        return _forward(name, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, False,
+                        tokens_per_expert_E)[0]
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
     return _moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
-                        name)[0]
+                        ids_checked, tokens_per_expert_E, name)[0]

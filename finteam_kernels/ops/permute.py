@@ -51,13 +51,16 @@ def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) 
 
 @torch.library.custom_op("finteam::permute", mutates_args=())
 def _permute(
-    x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, backend: str
+    x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, plan_checked: bool,
+    backend: str,
 ) -> torch.Tensor:
+    if not plan_checked:  # traced by torch.compile: the plan's values are first seen here
+        _checks.check_rows("permute", row_to_slot_N, slot_to_row_N)
     return kernel("permute_fwd", backend, permute_fwd)(x_TH, row_to_slot_N, top_k)
 
 
 @_permute.register_fake
-def _(x_TH, row_to_slot_N, slot_to_row_N, top_k, backend):
+def _(x_TH, row_to_slot_N, slot_to_row_N, top_k, plan_checked, backend):
     return x_TH.new_empty((row_to_slot_N.shape[0], x_TH.shape[1]))
 
 
@@ -72,13 +75,13 @@ def _(grad_NH, slot_to_row_N, top_k, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, slot_to_row_N, ctx.top_k, ctx.backend = inputs
+    _, _, slot_to_row_N, ctx.top_k, _, ctx.backend = inputs
     ctx.save_for_backward(slot_to_row_N)
 
 
 def _backward(ctx, grad_NH):
     (slot_to_row_N,) = ctx.saved_tensors
-    return _permute_backward(grad_NH, slot_to_row_N, ctx.top_k, ctx.backend), None, None, None, None
+    return _permute_backward(grad_NH, slot_to_row_N, ctx.top_k, ctx.backend), None, None, None, None, None
 
 
 _permute.register_autograd(_backward, setup_context=_setup_context)
@@ -91,8 +94,9 @@ def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = Non
     _checks.check_same_device("permute", x_TH=x_TH, **{"plan.row_to_slot_N": plan.row_to_slot_N,
                                                         "plan.slot_to_row_N": plan.slot_to_row_N})
     name = pick_backend(backend, x_TH.device, "permute")
+    plan_checked = _checks.check_plan_indices("permute", plan)
     if name == "reference":
         return reference.permute(x_TH, plan)
     if direct_call(x_TH):
         return kernel("permute_fwd", name, permute_fwd)(x_TH, plan.row_to_slot_N, top_k)
-    return _permute(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, name)
+    return _permute(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, plan_checked, name)

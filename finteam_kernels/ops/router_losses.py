@@ -51,11 +51,11 @@ def router_losses_fwd(logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_ex
     """Triton launcher of the forward: (aux_loss, z_loss), 0-d float32."""
     from .router_losses_kernels import FINISH_BLOCK_E, FINISH_BLOCK_P, _router_losses_finish_kernel
 
-    aux = logits_TE.new_zeros((), dtype=torch.float32)
-    z = logits_TE.new_zeros((), dtype=torch.float32)
     T = logits_TE.shape[0]
     if T == 0:
-        return aux, z
+        return logits_TE.new_zeros((), dtype=torch.float32), logits_TE.new_zeros((), dtype=torch.float32)
+    aux = logits_TE.new_empty((), dtype=torch.float32)  # both written by the finishing kernel
+    z = logits_TE.new_empty((), dtype=torch.float32)
     x_TE, ids_TK = _prepare(logits_TE, topk_ids_TK)
     prob_sums_PE, lse_sq_sums_P, counts_E = _partial_sums(x_TE, ids_TK, num_experts, with_probs=True)
     with device_guard(x_TE):
@@ -93,13 +93,15 @@ def router_losses_bwd(
 
 @torch.library.custom_op("finteam::router_losses", mutates_args=())
 def _router_losses(
-    logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, backend: str
+    logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, ids_checked: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not ids_checked:  # traced by torch.compile: the ids are first seen here
+        _checks.check_ids("router_losses", "topk_ids_TK", topk_ids_TK, num_experts)
     return kernel("router_losses_fwd", backend, router_losses_fwd)(logits_TE, topk_ids_TK, num_experts)
 
 
 @_router_losses.register_fake
-def _(logits_TE, topk_ids_TK, num_experts, backend):
+def _(logits_TE, topk_ids_TK, num_experts, ids_checked, backend):
     return logits_TE.new_empty((), dtype=torch.float32), logits_TE.new_empty((), dtype=torch.float32)
 
 
@@ -118,20 +120,21 @@ def _(grad_aux, grad_z, logits_TE, topk_ids_TK, num_experts, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits_TE, topk_ids_TK, ctx.num_experts, ctx.backend = inputs
+    logits_TE, topk_ids_TK, ctx.num_experts, _, ctx.backend = inputs
     ctx.save_for_backward(logits_TE, topk_ids_TK)
 
 
 def _backward(ctx, grad_aux, grad_z):
     logits_TE, topk_ids_TK = ctx.saved_tensors
     grad_TE = _router_losses_backward(grad_aux, grad_z, logits_TE, topk_ids_TK, ctx.num_experts, ctx.backend)
-    return grad_TE, None, None, None
+    return grad_TE, None, None, None, None
 
 
 _router_losses.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_arguments(logits_TE, topk_ids_TK, num_experts) -> None:
+def _check_arguments(logits_TE, topk_ids_TK, num_experts) -> bool:
+    """Raises on a bad argument; returns whether the ids' values were checked (see check_ids)."""
     op = "router_losses"
     _checks.check_tensor(op, "logits_TE", logits_TE, "T, E", dtypes=_checks.FLOAT_DTYPES)
     _checks.check_tensor(op, "topk_ids_TK", topk_ids_TK, "T, K", dtypes=_checks.ID_DTYPES)
@@ -139,7 +142,7 @@ def _check_arguments(logits_TE, topk_ids_TK, num_experts) -> None:
     _checks.check_same_device(op, logits_TE=logits_TE, topk_ids_TK=topk_ids_TK)
     _checks.check_int(op, "num_experts", num_experts, 1)
     _checks.check_dim(op, "logits_TE", logits_TE, 1, num_experts, "num_experts")
-    _checks.check_ids(op, "topk_ids_TK", topk_ids_TK, num_experts)
+    return _checks.check_ids(op, "topk_ids_TK", topk_ids_TK, num_experts)
 
 
 def router_losses(
@@ -151,10 +154,17 @@ def router_losses(
     perfectly balanced router scores K (transformers' Mixtral convention); z_loss =
     mean logsumexp(logits)^2. Zero tokens give zero losses that stay in the autograd graph.
     """
-    _check_arguments(logits_TE, topk_ids_TK, num_experts)
+    ids_checked = _check_arguments(logits_TE, topk_ids_TK, num_experts)
+    return routed_losses(logits_TE, topk_ids_TK, num_experts, backend, ids_checked=ids_checked)
+
+
+def routed_losses(logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, backend: Optional[str], *,
+                  ids_checked: bool = True) -> RouterLosses:
+    """router_losses without its argument checks, for a caller that made the ids itself with
+    topk_gating from these logits: FinTeamMoE."""
     name = pick_backend(backend, logits_TE.device, "router_losses")
     if name == "reference":
         return reference.router_losses(logits_TE, topk_ids_TK, num_experts)
     if direct_call(logits_TE):
         return RouterLosses(*kernel("router_losses_fwd", name, router_losses_fwd)(logits_TE, topk_ids_TK, num_experts))
-    return RouterLosses(*_router_losses(logits_TE, topk_ids_TK, num_experts, name))
+    return RouterLosses(*_router_losses(logits_TE, topk_ids_TK, num_experts, ids_checked, name))

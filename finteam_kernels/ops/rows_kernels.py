@@ -6,6 +6,10 @@ Shape legend: T tokens, H hidden, K top-k, N = T*K routed rows.
 All are memory-bound: one read and one write of every element moved, nothing else. Row, token
 and column indices are widened to int64 before they multiply a stride, so tensors past 2**31
 elements are addressed correctly. Sums run in fp32 (fp64 for fp64 data), in a fixed order.
+
+Indices read from a plan are bounds-checked here too (one compare per row): the ops refuse a plan
+with indices out of range before launching, but should one get through, its rows read as zeros
+and nothing is stored for it, instead of memory outside the tensors being read or written.
 """
 import triton
 import triton.language as tl
@@ -42,14 +46,17 @@ def _gather_rows_kernel(
     """out[r, :] = src[index[r] // INDEX_DIV, :]
 
     One program per (BLOCK_R rows, BLOCK_H columns). `index` ([N], contiguous) holds slots
-    (t*K + j) and INDEX_DIV is K, so the source row is the slot's token. out is contiguous in H.
+    (t*K + j) in [0, N) and INDEX_DIV is K, so the source row is the slot's token. out is
+    contiguous in H; a row whose slot is out of range gets zeros.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < N
+    slots = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     mask = row_mask[:, None] & (cols[None, :] < H)
-    sources = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64) // INDEX_DIV
-    values = tl.load(src_ptr + sources[:, None] * stride_src_row + cols[None, :] * stride_src_h, mask=mask)
+    read = mask & ((slots >= 0) & (slots < N))[:, None]
+    values = tl.load(src_ptr + (slots // INDEX_DIV)[:, None] * stride_src_row + cols[None, :] * stride_src_h,
+                     mask=read, other=0.0)
     tl.store(out_ptr + rows[:, None] * stride_out_row + cols[None, :], values, mask=mask)
 
 
@@ -63,8 +70,8 @@ def _combine_rows_kernel(
 
     One program per (BLOCK_T tokens, BLOCK_H columns) reduces their K sources itself: no
     atomics, so the result is the same on every run. `index` ([T*K], contiguous) maps slots to
-    source rows; `weight` is [T, K] with strides. out is contiguous in H, rounded once
-    (INTERPRETED: see `_jit.store`).
+    source rows in [0, T*K) (one that is not adds nothing); `weight` is [T, K] with strides. out
+    is contiguous in H, rounded once (INTERPRETED: see `_jit.store`).
     """
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -73,8 +80,9 @@ def _combine_rows_kernel(
     acc = _wide(tl.zeros([BLOCK_T, BLOCK_H], dtype=out_ptr.dtype.element_ty))
     for j in range(K):
         rows = tl.load(index_ptr + tokens * K + j, mask=token_mask, other=0).to(tl.int64)
+        read = mask & ((rows >= 0) & (rows < T * K))[:, None]
         values = _wide(tl.load(src_ptr + rows[:, None] * stride_src_row + cols[None, :] * stride_src_h,
-                               mask=mask, other=0.0))
+                               mask=read, other=0.0))
         if HAS_WEIGHTS:
             weight = tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=token_mask, other=0.0)
             values = values * weight.to(acc.dtype)[:, None]
@@ -96,12 +104,14 @@ def _unpermute_bwd_kernel(
     One program per BLOCK_R rows walks H in BLOCK_H steps: one read of grad[t] and y[r] and one
     write of grad_y[r] per row, the dot product for free from the same loads (memory-bound). Each
     grad_weight element is written by exactly one program and summed in a fixed order.
-    grad may have stride 0 (a broadcast incoming gradient); grad_y is contiguous in H.
+    grad may have stride 0 (a broadcast incoming gradient); grad_y is contiguous in H. A row whose
+    slot is outside [0, N) gets a zero gradient and writes no grad_weight.
     INTERPRETED: see `_jit.store`.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < N
-    slots = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    in_rows = rows < N
+    slots = tl.load(index_ptr + rows, mask=in_rows, other=0).to(tl.int64)
+    row_mask = in_rows & (slots >= 0) & (slots < N)
     tokens, j = slots // K, slots % K
     dot = _wide(tl.zeros([BLOCK_R, BLOCK_H], dtype=y_ptr.dtype.element_ty))
     weight = tl.load(weight_ptr + tokens * stride_weight_t + j * stride_weight_k, mask=row_mask, other=0.0)
@@ -112,8 +122,8 @@ def _unpermute_bwd_kernel(
         grad = _wide(tl.load(grad_ptr + tokens[:, None] * stride_grad_t + cols[None, :] * stride_grad_h,
                              mask=mask, other=0.0))
         y = _wide(tl.load(y_ptr + rows[:, None] * stride_y_row + cols[None, :] * stride_y_h, mask=mask, other=0.0))
-        store(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :], grad * weight[:, None], mask,
-              INTERPRETED)
+        store(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :], grad * weight[:, None],
+              in_rows[:, None] & (cols[None, :] < H), INTERPRETED)
         dot += grad * y
     store(grad_weight_ptr + tokens * stride_grad_weight_t + j, tl.sum(dot, axis=1), row_mask, INTERPRETED)
 

@@ -169,6 +169,13 @@ def topk_gating(
     no finite logit gets experts 0..K-1 with zero weights. See `reference.topk_gating`.
     """
     _check_arguments(logits_TE, k, score, renormalize, expert_bias, num_groups, topk_groups, scaling)
+    return routed_gating(logits_TE, k, score, renormalize, expert_bias, num_groups, topk_groups, scaling, backend)
+
+
+def routed_gating(logits_TE: torch.Tensor, k: int, score: str, renormalize: bool, expert_bias: Optional[torch.Tensor],
+                  num_groups: int, topk_groups: int, scaling: float, backend: Optional[str]) -> Routing:
+    """topk_gating without its argument checks, for a caller whose arguments are checked once for
+    many calls: FinTeamMoE."""
     name = pick_backend(backend, logits_TE.device, "topk_gating")
     if name == "reference":
         return reference.topk_gating(logits_TE, k, score=score, renormalize=renormalize, expert_bias=expert_bias,

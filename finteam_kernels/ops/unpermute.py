@@ -58,12 +58,14 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
 
 @torch.library.custom_op("finteam::unpermute", mutates_args=())
 def _unpermute(y_NH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor,
-               topk_weights_TK: torch.Tensor, backend: str) -> torch.Tensor:
+               topk_weights_TK: torch.Tensor, plan_checked: bool, backend: str) -> torch.Tensor:
+    if not plan_checked:  # traced by torch.compile: the plan's values are first seen here
+        _checks.check_rows("unpermute", row_to_slot_N, slot_to_row_N)
     return kernel("unpermute_fwd", backend, unpermute_fwd)(y_NH, slot_to_row_N, topk_weights_TK)
 
 
 @_unpermute.register_fake
-def _(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, backend):
+def _(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, plan_checked, backend):
     return y_NH.new_empty((topk_weights_TK.shape[0], y_NH.shape[1]))
 
 
@@ -81,7 +83,7 @@ def _(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, ctx.backend = inputs
+    y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, _, ctx.backend = inputs
     ctx.save_for_backward(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK)
 
 
@@ -89,7 +91,7 @@ def _backward(ctx, grad_TH):
     y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK = ctx.saved_tensors
     grad_NH, grad_weights_TK = _unpermute_backward(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK,
                                                    ctx.backend)
-    return grad_NH, None, None, grad_weights_TK, None
+    return grad_NH, None, None, grad_weights_TK, None, None
 
 
 _unpermute.register_autograd(_backward, setup_context=_setup_context)
@@ -109,8 +111,9 @@ def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Ten
     _checks.check_same_device("unpermute", y_NH=y_NH, topk_weights_TK=topk_weights_TK,
                               **{"plan.row_to_slot_N": plan.row_to_slot_N, "plan.slot_to_row_N": plan.slot_to_row_N})
     name = pick_backend(backend, y_NH.device, "unpermute")
+    plan_checked = _checks.check_plan_indices("unpermute", plan)
     if name == "reference":
         return reference.unpermute(y_NH, plan, topk_weights_TK)
     if direct_call(y_NH, topk_weights_TK):
         return kernel("unpermute_fwd", name, unpermute_fwd)(y_NH, plan.slot_to_row_N, topk_weights_TK)
-    return _unpermute(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, name)
+    return _unpermute(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, plan_checked, name)
