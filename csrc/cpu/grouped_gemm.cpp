@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dot_bf16.h"
+#include "gemm.h"
 #include "ops_cpu.h"
 #include "mix.h"
 #include "rows.h"
@@ -63,7 +64,7 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
       skinny.push_back(e);
     } else {
       auto out = y_NO.narrow(0, offsets[e], rows);
-      at::mm_out(out, x.narrow(0, offsets[e], rows), w[e].t());
+      gemm_out(out, x.narrow(0, offsets[e], rows), w[e].t());
     }
   }
   if (!skinny.empty()) skinny_experts(x, w, offsets, skinny, y_NO);
@@ -124,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, c
     }
     const auto g = grad.narrow(0, offsets[e], rows);
     auto dx = grad_x.narrow(0, offsets[e], rows);
-    at::mm_out(dx, g, w[e]);
-    at::mm_out(dw, g.t(), x.narrow(0, offsets[e], rows));
+    gemm_out(dx, g, w[e]);
+    gemm_out(dw, g.t(), x.narrow(0, offsets[e], rows));
   }
   if (!few.empty()) {
     FINTEAM_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm_bwd",

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "dot_bf16.h"
+#include "gemm.h"
 #include "ops_cpu.h"
 #include "glu.h"
 #include "mix.h"
@@ -157,11 +158,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     auto x_rows = at::empty({M, s.H}, x.options());
     gather_rows(x, row_to_slot, s.K, first, first + M, x_rows);
     auto h = needs_grad ? h_N2I.narrow(0, first, M) : at::empty({M, 2 * s.I}, x.options());
-    at::mm_out(h, x_rows, w_gate_up[e].t());
+    gemm_out(h, x_rows, w_gate_up[e].t());
     auto a = at::empty({M, s.I}, x.options());
     glu(h.narrow(1, 0, s.I), h.narrow(1, s.I, s.I), act, a);
     auto y = y_NH.narrow(0, first, M);
-    at::mm_out(y, a, w_down[e].t());
+    gemm_out(y, a, w_down[e].t());
   }
   if (!streamed.empty()) streaming_forward(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
@@ -304,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   }
   for (int64_t e : many) {
     auto g = g_NI.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-    at::mm_out(g, dout_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), w_down[e]);
+    gemm_out(g, dout_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), w_down[e]);
   }
   FINTEAM_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_bwd", [&] {
     if (!few.empty())
@@ -331,11 +332,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     const auto dh = dh_N2I.narrow(0, first, M);
     auto dw_down = grad_w_down[e];
-    at::mm_out(dw_down, dout_NH.narrow(0, first, M).t(), a_NI.narrow(0, first, M));
+    gemm_out(dw_down, dout_NH.narrow(0, first, M).t(), a_NI.narrow(0, first, M));
     auto dw_gate_up = grad_w_gate_up[e];
-    at::mm_out(dw_gate_up, dh.t(), x_NH.narrow(0, first, M));
+    gemm_out(dw_gate_up, dh.t(), x_NH.narrow(0, first, M));
     auto dx = dx_NH.narrow(0, first, M);
-    at::mm_out(dx, dh, w_gate_up[e]);
+    gemm_out(dx, dh, w_gate_up[e]);
   }
   auto grad_x = combine_rows(dx_NH, slot_to_row_N, at::Tensor(), s.K);
   return {grad_x, grad_w.to(topk_weights_TK.scalar_type()), grad_w_gate_up, grad_w_down};
