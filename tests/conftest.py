@@ -1,9 +1,21 @@
-"""Test setup: Triton kernels run in the interpreter on CPU tensors (the variable must be set
-before any kernel module is imported), seeds are fixed, and tests marked `cuda` are skipped
-without a GPU."""
+"""Test setup: seeds are fixed, and one of two sessions runs.
+
+- The CPU suite (`pytest`): Triton kernels run in the interpreter on CPU tensors (the variable
+  must be set before any kernel module is imported). Tests marked `cuda` are skipped: without a
+  GPU they cannot run, and with one they must not run interpreted (the interpreter copies whole
+  storages to the host on every launch, cannot be captured in a CUDA graph, and takes hours
+  past 2**31 elements).
+- The GPU suite (`FINTEAM_GPU_TESTS=1 pytest`): only the tests marked `cuda`, with Triton
+  compiled for the GPU. Without a GPU they are skipped, never failed.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+GPU_SESSION = os.environ.get("FINTEAM_GPU_TESTS", "0") == "1"
+if GPU_SESSION:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("FINTEAM_GPU_TESTS=1 runs the compiled Triton kernels: unset TRITON_INTERPRET")
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,10 +26,30 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "library_only: a GPU test of the CUDA library's own compiled ops")
+
+
+def pytest_report_header(config):
+    if GPU_SESSION:
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU: every test is skipped"
+        return f"finteam GPU suite (compiled Triton kernels): {gpu}"
+    return "finteam CPU suite (Triton interpreted; tests marked cuda run with FINTEAM_GPU_TESTS=1)"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if GPU_SESSION:
+        off_gpu = pytest.mark.skip(reason="the GPU suite (FINTEAM_GPU_TESTS=1) runs only the tests marked cuda")
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" not in item.keywords:
+                item.add_marker(off_gpu)
+            elif not torch.cuda.is_available():
+                item.add_marker(no_gpu)
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    reason = ("tests marked cuda run in the GPU suite: FINTEAM_GPU_TESTS=1 pytest" if torch.cuda.is_available()
+              else "needs a CUDA GPU")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

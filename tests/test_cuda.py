@@ -1,6 +1,8 @@
-"""The CUDA backend (csrc/cuda) against the reference on CUDA tensors, forward and every gradient,
-through the public ops with backend="cuda" (so the custom-op wiring is tested too). Skipped
-without a GPU (marked `cuda`); on a GPU machine a missing or broken CUDA extension fails.
+"""Both GPU backends against the reference on CUDA tensors, forward and every gradient: every
+test runs once with backend="triton" (the compiled Triton kernels: the GPU suite never
+interprets them) and once with backend="cuda" (the CUDA library, csrc/cuda), through the public
+ops (so the custom-op wiring is tested too). Skipped without a GPU (marked `cuda`); on a GPU
+machine a missing or broken CUDA extension fails.
 
 Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N = T*K routed rows;
 D and O are a GEMM's input and output widths.
@@ -14,21 +16,34 @@ import torch
 
 from finteam_kernels import (_ext, dispatch, grouped_gemm, moe_experts, permute, reference, router_losses,
                              topk_gating, unpermute)
+from finteam_kernels._backend import triton_interpreting
 from routing import routed
 from tolerance import assert_close
 
 pytestmark = pytest.mark.cuda
 
-BACKEND = "cuda"
+BACKEND = "cuda"  # the backend under test: set for each test by the `backend` fixture
 LOW = (torch.bfloat16, torch.float16)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 inf, nan = float("inf"), float("nan")
+# Tests of the CUDA library's own compiled ops (torch.ops.finteam.*), which Triton does not have.
+library_only = pytest.mark.library_only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cuda_extension():
-    reason = _ext.why_missing("cuda", "moe_experts")
-    assert reason is None, f"on a GPU machine the CUDA extension must load: {reason}"
+@pytest.fixture(autouse=True, params=["triton", "cuda"])
+def backend(request):
+    """Runs each test on one GPU backend (the helpers read BACKEND)."""
+    global BACKEND
+    if request.param == "cuda":
+        reason = _ext.why_missing("cuda", "moe_experts")
+        assert reason is None, f"on a GPU machine the CUDA extension must load: {reason}"
+    else:
+        assert not triton_interpreting(), "the GPU suite runs compiled Triton kernels: unset TRITON_INTERPRET"
+        if "library_only" in request.keywords:
+            pytest.skip("a test of the CUDA library's own compiled op")
+    BACKEND = request.param
+    yield request.param
+    BACKEND = "cuda"
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -320,6 +335,7 @@ def test_grouped_gemm(counts, D, O, dtype):
             assert torch.equal(w.grad[e], torch.zeros_like(w.grad[e])), f"expert {e} is empty: dW must be exact zeros"
 
 
+@library_only
 def test_grouped_gemm_rows_past_offsets_are_zero():
     # Rows after offsets[E] belong to no expert: the compiled op writes them as zeros.
     x = torch.randn(10, 16, device="cuda")
@@ -354,6 +370,8 @@ MOE_CASES = [
     (3, 2, 7, 33, 17, None),  # prime E, odd H and I: per-element loads everywhere
     (64, 2, 8, 64, 96, [1, 6]),  # six empty experts
     (257, 4, 16, 128, 72, None),  # several tiles per expert
+    (40, 4, 4, 64, 32, None),  # K = E: every token on every expert
+    (300, 8, 257, 64, 40, None),  # E past 256: most experts get a few rows, some none
 ]
 
 
@@ -371,6 +389,7 @@ def test_moe_experts(T, K, E, H, I, experts, dtype, activation):
           f"moe_experts[{activation}]")
 
 
+@library_only
 def test_moe_experts_needs_grad_false_keeps_no_h():
     x = torch.randn(5, 16, device="cuda")
     ids = routed(5, 2, 4).cuda()

@@ -10,11 +10,13 @@ a key that packs the fp32 value (order-preserving bits) above the inverted exper
 largest key is the largest value, and among equal values the lowest index, which is the
 reference's stable-sort tie rule. Row indices are int64 before they multiply a stride.
 
-Scores are rounded as PyTorch rounds them on a GPU, so that near-ties pick the reference's
-experts: exp is CUDA's expf (libdevice, as `torch.softmax`/`torch.sigmoid` call it) and divisions
-round to nearest (`div_rn`). Compiled, Triton's own `tl.exp` is `ex2.approx` and its fp32 `/`
-is `div.full`, each a few ulps off; the interpreter computes both exactly, which is why only
-compiled code could disagree. Under the interpreter (no libdevice) exp is numpy's.
+The forward's scores are rounded as PyTorch rounds them on a GPU, so that near-ties pick the
+reference's experts: exp is CUDA's expf (libdevice, as `torch.softmax`/`torch.sigmoid` call it)
+and divisions round to nearest (`div_rn`). Compiled, Triton's own `tl.exp` is `ex2.approx` and
+its fp32 `/` is `div.full`, each a few ulps off; the interpreter computes both exactly, which is
+why only compiled code could disagree. Under the interpreter (no libdevice) exp is numpy's. The
+backward, which selects nothing, keeps the fast forms (libdevice's expf costs it registers:
+a stack frame at BLOCK_E=2048 on sm_90).
 """
 import triton
 import triton.language as tl
@@ -87,31 +89,42 @@ def _key_value(key):
 
 
 @triton.jit
-def _exp(x, INTERPRETED: tl.constexpr):
-    """e**x rounded as CUDA's expf: the libdevice function, not Triton's ex2.approx."""
-    if INTERPRETED:
-        return tl.exp(x)
-    return libdevice.exp(x)
+def _exp(x, AS_TORCH: tl.constexpr):
+    """e**x; AS_TORCH (compiled only): rounded as CUDA's expf, the libdevice function, not
+    Triton's ex2.approx."""
+    if AS_TORCH:
+        return libdevice.exp(x)
+    return tl.exp(x)
 
 
 @triton.jit
-def _scores(x, lane_ok, sigmoid, INTERPRETED: tl.constexpr):
+def _div(a, b, AS_TORCH: tl.constexpr):
+    """a / b, b broadcast to a's shape; AS_TORCH: rounded to nearest, as IEEE division, not
+    div.full."""
+    if AS_TORCH:
+        return tl.math.div_rn(a, tl.broadcast_to(b, a.shape))
+    return a / b
+
+
+@triton.jit
+def _scores(x, lane_ok, sigmoid, AS_TORCH: tl.constexpr):
     """Scores of a tile of fp32 logits as `reference.topk_gating` defines them.
 
     NaN counts as -inf and +-inf as the largest finite +-float; a row with no finite logit is
     dead and scores 0 everywhere, as do lanes outside E (`lane_ok` False). Returns (scores,
     alive per row, finite per element): the backward needs the last two for its masks.
+    AS_TORCH (compiled only): exp and division rounded as PyTorch's CUDA kernels round them.
     """
     finite = (tl.abs(x) < float("inf")) & lane_ok
     alive = tl.max(finite.to(tl.int32), axis=1) > 0
     x = tl.where(lane_ok, _nan_to_num(x), -float("inf"))
     if sigmoid:
-        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, INTERPRETED))
+        scores = _div(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, AS_TORCH), AS_TORCH)
     else:
         # A dead row's max may be -inf or the largest float: shifting by 0 keeps it NaN-free.
         row_max = tl.where(alive, tl.max(x, axis=1), 0.0)
-        exps = _exp(x - row_max[:, None], INTERPRETED)
-        scores = tl.math.div_rn(exps, tl.broadcast_to(tl.where(alive, tl.sum(exps, axis=1), 1.0)[:, None], exps.shape))
+        exps = _exp(x - row_max[:, None], AS_TORCH)
+        scores = _div(exps, tl.where(alive, tl.sum(exps, axis=1), 1.0)[:, None], AS_TORCH)
     return tl.where(alive[:, None] & lane_ok, scores, 0.0), alive, finite
 
 
@@ -169,7 +182,10 @@ def _topk_gating_fwd_kernel(
     lane_ok = (lanes < E)[None, :]
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + lanes[None, :].to(tl.int64) * stride_le,
                 mask=row_ok[:, None] & lane_ok, other=0.0).to(tl.float32)
-    scores, alive, _ = _scores(x, lane_ok, sigmoid, INTERPRETED)
+    if INTERPRETED:  # no libdevice: numpy's exp and division, which round exactly
+        scores, alive, _ = _scores(x, lane_ok, sigmoid, False)
+    else:
+        scores, alive, _ = _scores(x, lane_ok, sigmoid, True)
 
     bias = tl.zeros([BLOCK_E], tl.float32)
     if has_bias:
@@ -189,8 +205,7 @@ def _topk_gating_fwd_kernel(
     chosen = (rank >= 0) & row_ok[:, None]
     weights = tl.where(chosen, scores, 0.0)
     if renormalize:
-        total = tl.maximum(tl.sum(weights, axis=1), _FLT_TINY)[:, None]
-        weights = tl.math.div_rn(weights, tl.broadcast_to(total, weights.shape))
+        weights = _div(weights, tl.maximum(tl.sum(weights, axis=1), _FLT_TINY)[:, None], not INTERPRETED)
     weights = weights * scaling
     out = rows[:, None] * K + rank
     tl.store(weights_ptr + out, weights, mask=chosen)
@@ -226,7 +241,7 @@ def _topk_gating_bwd_kernel(
     lane_ok = (lanes < E)[None, :]
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + lanes[None, :].to(tl.int64) * stride_le,
                 mask=row_ok[:, None] & lane_ok, other=0.0).to(tl.float32)
-    scores, alive, finite = _scores(x, lane_ok, sigmoid, INTERPRETED)
+    scores, alive, finite = _scores(x, lane_ok, sigmoid, False)
 
     grad = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
     chosen = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
