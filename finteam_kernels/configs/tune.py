@@ -73,8 +73,9 @@ class _Choice:
             family, rows, experts)
 
 
-def tune(models: list[str], tokens: list[int], dtype: torch.dtype, warmup_ms: int, rep_ms: int) -> dict:
-    """{kind: {problem: {rows bucket: config}}} for every launch of every shape."""
+def tune(models: list[str], tokens: list[int], dtype: torch.dtype, warmup_ms: int, rep_ms: int, done=None) -> dict:
+    """{kind: {problem: {rows bucket: config}}} for every launch of every shape; `done(tuned)`,
+    if given, after each shape (so a run stopped midway keeps what it tuned)."""
     import triton.testing
 
     from ..ops import grouped_gemm_kernels as kernels
@@ -104,6 +105,8 @@ def tune(models: list[str], tokens: list[int], dtype: torch.dtype, warmup_ms: in
                     tuned[kind].setdefault(problem, {})[bucket] = list(best)
                     print(f"{model:14} T={T:<6} {name:10} {kind:5} rows={rows:<7} best {best} {times[best]*1e3:8.1f} us"
                           f"  heuristic {base*1e3:8.1f} us  ({problem})", flush=True)
+                if done is not None:
+                    done(tuned)
     finally:
         kernels.launch_config = choice.original
     return tuned
@@ -137,13 +140,16 @@ def main(argv=None) -> int:
         print("tuning needs a CUDA GPU", file=sys.stderr)
         return 2
     device = device_name(torch.cuda.current_device())
-    tuned = tune(args.models, args.tokens, DTYPES[args.dtype], args.warmup_ms, args.rep_ms)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, file_name(device))
-    data = merge(path, tuned, device)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    print(f"wrote {path}")
+
+    def write(tuned):
+        data = merge(path, tuned, device)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        print(f"wrote {path}", flush=True)
+
+    tune(args.models, args.tokens, DTYPES[args.dtype], args.warmup_ms, args.rep_ms, done=write)
     return 0
 
 
