@@ -37,7 +37,7 @@ def test_run_writes_the_results_table_and_heat_map(smoke_run, capsys):
 
 def test_every_checkpoint_carries_recipe_and_version(smoke_run):
     folders = [p.parent for p in smoke_run.glob("seed0/**/model/config.json")]
-    assert len(folders) == 1 + 3 + 1 + 1 + 1 + 6  # base, experts, dense, team, merge, six tuned
+    assert len(folders) == 1 + 3 + 1 + 1 + 1 + 3 + 6  # base, experts, dense, team, merge, three mixed, six tuned
     for folder in folders:
         meta = json.loads((folder / "finteam.json").read_text())
         assert meta["recipe"]["name"] == "smoke" and meta["version"], folder
