@@ -256,7 +256,8 @@ def run_mix(recipe: Recipe, k: int, force: bool = False, only: list[str] | None 
         out = p.mixed(k, name)
         stage(f"mix {name}", out, recipe, force,
               lambda: mix.run(recipe, assembled(p, k, name), p.data, tok, out, seed, f"mix {name}", dev),
-              needs=("seed", "model", "precision", "mix"), inputs=(p.data, p.tokenizer, assembled(p, k, name).parent))
+              needs=("seed", "model", "precision", "mix", "instruct.experts_implementation"),
+              inputs=(p.data, p.tokenizer, assembled(p, k, name).parent))
 
 
 def source_of(recipe: Recipe, p: Paths, k: int, name: str) -> Path:
