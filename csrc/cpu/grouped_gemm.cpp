@@ -3,8 +3,8 @@
 // Shape legend: E experts (groups), N rows, D input width, O output width.
 // An expert with few rows is weight-bound: its rows stream w[e] once through the bf16 kernel
 // (dot_bf16.h), with all such experts' weight rows split between the threads in one parallel
-// pass. An expert with many rows is a real GEMM and goes to ATen (oneDNN), which blocks for the
-// caches and the matrix units. The backward: dx = dy @ w[e], dw[e] = dy^T @ x, for an expert
+// pass. An expert with many rows is a real GEMM and goes to ATen (gemm.h: oneDNN, which blocks
+// for the caches and the matrix units, or fp32 on widened operands where 16-bit GEMMs are slow). The backward: dx = dy @ w[e], dw[e] = dy^T @ x, for an expert
 // with few rows as sums of scaled rows (mix.h), all such experts in one parallel pass, for one
 // with many through ATen; an expert with no rows gets an exactly zero dw.
 

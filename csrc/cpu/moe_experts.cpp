@@ -5,14 +5,15 @@
 //
 // Forward. The plan groups rows by expert (a counting sort). Then each expert is one of two
 // kinds, by its row count:
-//   - up to skinny_max_rows() rows (bf16 on an AVX-512 CPU; 32 rows, or 1024 with AMX): the
+//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, or 1024 with AMX): the
 //     weight-streaming kernels of dot_bf16.h read every weight byte once per call. Pass 1
 //     splits the gate/up rows of all such experts between the threads; each task computes a
 //     block of gate rows and the matching up rows for the expert's tokens, read in place from
 //     x (no gather), and writes the activation (and h, when the backward needs it): the GLU is
 //     the GEMM's epilogue. Pass 2 splits the down-projection rows the same way.
-//   - more rows, or other dtypes: two GEMMs through ATen (oneDNN) on the gathered rows, the
-//     gated unit between them in one vectorised pass.
+//   - more rows, or other dtypes: two GEMMs through ATen (gemm.h: oneDNN, or fp32 on widened
+//     operands where 16-bit GEMMs are slow) on the gathered rows, the gated unit between them
+//     in one vectorised pass.
 // Both write y_NH in expert order; the weighted combine then reduces each token's K rows in
 // slot order in fp32. Kept for the backward: h_N2I only (the activation is recomputed from it).
 //
