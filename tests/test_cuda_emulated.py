@@ -490,3 +490,73 @@ def test_moe_experts_composition(emu, activation, dtype, T, K, E, H, I):
     assert_close(out, want.detach(), baseline=None if base is None else base.detach(), name="out")
     for name, got, expected, b in zip(("x", "weights", "w_gate_up", "w_down"), grads, want_grads, base_grads):
         assert_close(got, expected, baseline=b, name=f"grad {name}", computed_in=computed_in)
+
+
+# ---- memory safety: indices out of range are masked, never followed ----
+# The Python ops refuse such inputs before launching (tests/test_memory_safety.py); here the
+# kernels get them anyway, as a direct caller of the library could pass them: they must stay
+# inside their tensors (on a GPU they also raise a device-side assertion, not emulated here).
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_dispatch_masks_ids_out_of_range(emu, ids_dtype):
+    T, K, E = 300, 2, 5
+    ids = torch.rand(T, E).argsort(1)[:, :K].to(ids_dtype)
+    bad = {(7, 0): E, (150, 1): -3, (299, 1): 2**40 + 1 if ids_dtype == torch.int64 else 10**6}
+    for (t, j), value in bad.items():
+        ids[t, j] = value
+    offsets, counts, r2s, s2r = dispatch(emu, ids, E)
+    good = ids.reshape(-1)[(ids.reshape(-1) >= 0) & (ids.reshape(-1) < E)]
+    assert torch.equal(counts, torch.bincount(good.long(), minlength=E).int())  # counted nowhere
+    assert int(offsets[-1]) == T * K - len(bad)
+    slots = torch.tensor([t * K + j for t, j in bad])
+    assert torch.equal(s2r[slots], torch.full((len(bad),), -1, dtype=torch.int32))  # placed nowhere
+    placed = torch.ones(T * K, dtype=torch.bool)
+    placed[slots] = False
+    assert torch.equal(r2s[s2r[placed].long()], torch.arange(T * K)[placed].int())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_rows_mask_indices_out_of_range(emu, dtype):
+    T, K, E, H = 4, 2, 3, 40
+    N = T * K
+    plan = plan_for(T, K, E)
+    code = int32(DTYPES[dtype])
+    x, y, w = torch.randn(T, H).to(dtype), torch.randn(N, H).to(dtype), torch.rand(T, K)
+    r2s, s2r = plan.row_to_slot_N.clone(), plan.slot_to_row_N.clone()
+    r2s[1], r2s[5], s2r[2], s2r[6] = N, -1, 10**8, -7
+    x_NH = torch.empty(N, H, dtype=dtype)
+    call(emu, "emu_gather_rows", x, code, x.stride(0), x.stride(1), r2s, K, w, N, H, x_NH)
+    assert torch.equal(x_NH[[1, 5]], torch.zeros(2, H, dtype=dtype))
+    out = torch.empty(T, H, dtype=dtype)
+    call(emu, "emu_combine_rows", y, code, y.stride(0), y.stride(1), s2r, w, T, K, H, out)
+    kept = w.clone()
+    kept.view(-1)[[2, 6]] = 0  # the slots whose rows are out of range add nothing
+    fixed = plan._replace(slot_to_row_N=torch.where((s2r >= 0) & (s2r < N), s2r, 0))
+    assert_close(out, reference.unpermute(y.float(), fixed, kept), baseline=reference.unpermute(y, fixed, kept)
+                 if dtype in LOW else None, name="combine")
+    dots = torch.full((T, K), float("nan"))
+    call(emu, "emu_row_dots", x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), code, s2r, T, K, H, dots)
+    assert torch.equal(dots.view(-1)[[2, 6]], torch.zeros(2))
+
+
+def test_gating_backward_and_counts_mask_ids_out_of_range(emu):
+    T, E, K = 5, 6, 2
+    logits = torch.randn(T, E)
+    ids = torch.rand(T, E).argsort(1)[:, :K].to(torch.int32)
+    ids[3, 1] = E + 100
+    grad = gating_grad(emu, torch.randn(T, K), logits, ids, score="softmax", renormalize=True, scaling=1.0)
+    assert torch.equal(grad[3], torch.zeros(E))  # the token with a bad id gets no gradient
+    assert torch.isfinite(grad).all()
+    scratch = torch.empty(emu_int(emu, "emu_router_losses_scratch_bytes", T, E), dtype=torch.uint8)
+    aux, z = torch.empty(()), torch.empty(())
+    call(emu, "emu_router_losses_fwd", logits, int32(0), logits.stride(0), logits.stride(1), ids, int32(0), T, E, K,
+         scratch, aux, z)
+    assert torch.isfinite(aux) and torch.isfinite(z)
+
+
+def test_grouped_gemm_clamps_offsets_out_of_range(emu):
+    N, D, O, E = 9, 16, 8, 3
+    x, w = torch.randn(N, D), torch.randn(E, O, D)
+    y = torch.full((N, O), float("nan"))
+    call(emu, "emu_grouped_gemm_fwd", x, w, torch.tensor([0, 4, 10**6, 9]), int32(0), N, D, O, E, y)
+    assert torch.isfinite(y).all()  # rows 4.. go to expert 1 as far as the rows go; nothing outside x or y

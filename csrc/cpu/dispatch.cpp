@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_fwd(const at
       int64_t* count = start.data() + b * E;
       for (int64_t s = b * kSlotBlock; s < std::min(N, (b + 1) * kSlotBlock); ++s) {
         const int64_t e = idx[s];
-        TORCH_CHECK(e >= 0 && e < E, "dispatch: expert ids must be in [0, ", E, "); got ", e, " at slot ", s);
+        TORCH_CHECK(e >= 0 && e < E, "dispatch: topk_ids_TK must hold expert ids in [0, ", E, "); got ", e,
+                    " at slot ", s);
         ++count[e];
       }
     }

@@ -29,6 +29,7 @@
 
 #include "dot_bf16.h"
 #include "gemm.h"
+#include "checks.h"
 #include "ops_cpu.h"
 #include "glu.h"
 #include "mix.h"
@@ -142,6 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   const Activation act = parse_activation(activation);
   const at::Tensor x = dense(x_TH), w_gate_up = dense(w_gate_up_E2IH), w_down = dense(w_down_EHI);
   const Shapes s = check_shapes(x, topk_weights_TK, w_gate_up, w_down);
+  TORCH_CHECK(topk_ids_TK.numel() == s.N, "moe_experts: topk_ids_TK must hold T*K = ", s.N, " ids; got ",
+              topk_ids_TK.numel());
+  check_indices(topk_ids_TK, s.E, "moe_experts", "topk_ids_TK");
   auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_fwd(topk_ids_TK, s.E);
   auto h_N2I = at::empty({needs_grad ? s.N : 0, 2 * s.I}, x.options());
   auto y_NH = at::empty({s.N, s.H}, x.options());
@@ -274,6 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   const at::Tensor x = dense(x_TH), w_gate_up = dense(w_gate_up_E2IH), w_down = dense(w_down_EHI);
   const Shapes s = check_shapes(x, topk_weights_TK, w_gate_up, w_down);
   TORCH_CHECK(h_N2I.size(0) == s.N, "moe_experts: the backward needs h_N2I from a forward with needs_grad=True");
+  TORCH_CHECK(row_to_slot_N.numel() == s.N && slot_to_row_N.numel() == s.N,
+              "moe_experts: row_to_slot_N and slot_to_row_N must hold N = T*K = ", s.N, " entries");
+  check_indices(row_to_slot_N, s.N, "moe_experts", "row_to_slot_N");
+  check_indices(slot_to_row_N, s.N, "moe_experts", "slot_to_row_N");
   const at::Tensor grad = rows_dense(grad_TH.to(x.scalar_type()));
   const at::Tensor h_all = dense(h_N2I);
   const at::Tensor w = topk_weights_TK.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();

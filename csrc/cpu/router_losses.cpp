@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "ops_cpu.h"
 #include "vmath.h"
 
@@ -55,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor> router_losses_fwd(const at::Tensor& logits_TE
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   auto aux = at::zeros({}, opts), z = at::zeros({}, opts);
   if (T == 0) return {aux, z};
+  check_indices(topk_ids_TK, E, "router_losses", "topk_ids_TK");
   const at::Tensor ids = topk_ids_TK.contiguous();
   const IndexView idx = index_view(ids);
   FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "router_losses_fwd", [&] {
@@ -95,6 +97,7 @@ at::Tensor router_losses_bwd(const at::Tensor& grad_aux, const at::Tensor& grad_
   const int64_t T = logits.size(0), E = logits.size(1);
   auto grad_TE = at::empty({T, E}, logits.options());
   if (T == 0) return grad_TE;
+  check_indices(topk_ids_TK, E, "router_losses", "topk_ids_TK");
   const at::Tensor ids = topk_ids_TK.contiguous();
   const IndexView idx = index_view(ids);
   const double g_aux = grad_aux.item<double>(), g_z = grad_z.item<double>();

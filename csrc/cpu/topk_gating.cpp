@@ -8,6 +8,7 @@
 // data that never leaves L1: at T=4096, E=64 a few tens of microseconds per core.
 #include <vector>
 
+#include "checks.h"
 #include "ops_cpu.h"
 #include "vmath.h"
 
@@ -255,6 +256,7 @@ at::Tensor topk_gating_bwd(const at::Tensor& grad_weights_TK, const at::Tensor& 
   const GatingArgs a{E, K, parse_score(score), renormalize, 1, 1, scaling};
   const auto acc = acc_dtype(logits.scalar_type());
   const at::Tensor grad = grad_weights_TK.to(acc).contiguous();
+  check_indices(ids_TK, E, "topk_gating", "ids_TK");
   const at::Tensor ids = ids_TK.contiguous();
   auto grad_TE = at::empty({T, E}, logits.options());
   const IndexView idx = index_view(ids);

@@ -7,6 +7,7 @@
 // each row.
 #include <vector>
 
+#include "checks.h"
 #include "ops_cpu.h"
 #include "rows.h"
 #include "vmath.h"
@@ -40,6 +41,9 @@ FINTEAM_SIMD void unpermute_grad_kernel(const scalar_t* g, int64_t stride_g, con
 }  // namespace
 
 at::Tensor unpermute_fwd(const at::Tensor& y_NH, const at::Tensor& slot_to_row_N, const at::Tensor& topk_weights_TK) {
+  TORCH_CHECK(slot_to_row_N.numel() == topk_weights_TK.numel(), "unpermute: slot_to_row_N must hold T*K = ",
+              topk_weights_TK.numel(), " rows, one per slot of topk_weights_TK; got ", slot_to_row_N.numel());
+  check_indices(slot_to_row_N, y_NH.size(0), "unpermute", "slot_to_row_N");
   return combine_rows(y_NH, slot_to_row_N, topk_weights_TK, topk_weights_TK.size(1));
 }
 
@@ -49,6 +53,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_bwd(const at::Tensor& grad_TH, cons
   const at::Tensor y_NH = rows_dense(y_NH_in);
   const at::Tensor grad = rows_dense(grad_TH.to(y_NH.scalar_type()));
   const int64_t T = topk_weights_TK.size(0), K = topk_weights_TK.size(1), H = y_NH.size(1);
+  TORCH_CHECK(slot_to_row_N.numel() == T * K && y_NH.size(0) == T * K, "unpermute: slot_to_row_N and y_NH must ",
+              "have T*K = ", T * K, " rows; got ", slot_to_row_N.numel(), " and ", y_NH.size(0));
+  // every row of grad_NH is written through slot_to_row_N: a repeat would leave another unwritten
+  check_permutation(slot_to_row_N, "unpermute", "slot_to_row_N");
   auto grad_NH = at::empty({y_NH.size(0), H}, y_NH.options());
   const auto acc = acc_dtype(y_NH.scalar_type());
   const at::Tensor w = topk_weights_TK.to(acc).contiguous();

@@ -6,9 +6,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
 #include <cstdint>
 
 #include "kernels.h"
+
+// A condition on an input that a kernel relies on to stay inside its tensors (an index in range).
+// The Python ops refuse inputs that break one before launching; a kernel that meets one anyway
+// masks the access (reads zeros, stores nothing) and, compiled for a GPU, raises a device-side
+// assertion, as PyTorch's own index kernels do (unless built with NDEBUG).
+#if defined(__CUDA_ARCH__)
+#define FINTEAM_KERNEL_ASSERT(cond) assert(cond)
+#else
+#define FINTEAM_KERNEL_ASSERT(cond) ((void)0)
+#endif
 
 namespace finteam {
 

@@ -36,7 +36,9 @@ __global__ void __launch_bounds__(kWarp)
   const unsigned lower_lanes = (1u << lane) - 1u;
   for (int64_t base = first; base < last; base += kWarp) {
     const int64_t s = base + lane;
-    const bool valid = s < last;
+    const bool in_tile = s < last;
+    const bool valid = in_tile && ids_N[s] >= 0 && ids_N[s] < E;  // compared before narrowing
+    FINTEAM_KERNEL_ASSERT(valid || !in_tile);
     const int e = valid ? static_cast<int>(ids_N[s]) : -1;
     const unsigned peers = __match_any_sync(kFullMask, e);
     const int rank = __popc(peers & lower_lanes);
@@ -102,6 +104,10 @@ __global__ void dispatch_scatter_kernel(const I* __restrict__ ids_N, int64_t N, 
                                         int32_t* __restrict__ slot_to_row_N) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= N) return;
+  if (!(ids_N[s] >= 0 && ids_N[s] < E)) {  // counted nowhere, placed nowhere: its row index reads out of range
+    slot_to_row_N[s] = -1;
+    return;
+  }
   const int e = static_cast<int>(ids_N[s]);
   const int64_t tile = s / kTileSlots;
   // slot_to_row_N holds the rank from the first kernel until this overwrite.

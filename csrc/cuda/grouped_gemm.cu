@@ -135,6 +135,10 @@ __device__ BlockWork find_work_split_m(const GemmArgs& args) {
         start = args.offsets[args.E];
         end = args.M;
       }
+      // offsets outside [0, M] or decreasing would send the tile outside A and C
+      FINTEAM_KERNEL_ASSERT(e > args.E || (0 <= start && start <= end && end <= args.M));
+      start = start < 0 ? 0 : start > args.M ? args.M : start;
+      end = end < start ? start : end > args.M ? args.M : end;
       const int64_t tiles = end > start ? (end - start + BM - 1) / BM : 0;
       const int64_t inclusive = warp_inclusive_scan(tiles);
       const int64_t before = carry + inclusive - tiles;

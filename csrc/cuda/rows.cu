@@ -8,7 +8,8 @@
 // produced. Rows move in 16-byte vectors when the row is contiguous and 16-byte aligned (any
 // stride otherwise, stride 0 included, one element at a time). Row indices are int64 before
 // they multiply a stride. The combine and the dots reduce in fp32 in a fixed order (no atomics),
-// so results are the same on every run.
+// so results are the same on every run. Every index is checked against its range (slots and
+// rows in [0, N)): one out of range reads as zeros (common.cuh FINTEAM_KERNEL_ASSERT).
 #include "common.cuh"
 
 namespace finteam {
@@ -24,12 +25,19 @@ __global__ void __launch_bounds__(kMaxThreads)
                        T* __restrict__ out) {
   const int64_t r = blockIdx.x;
   const int64_t slot = index[r];
-  const T* src_row = src + (slot / index_div) * stride_row;
+  const bool ok = slot >= 0 && slot < gridDim.x;  // slots lie in [0, N), one row each
+  FINTEAM_KERNEL_ASSERT(ok);
+  const T* src_row = src + (ok ? slot / index_div : 0) * stride_row;
   T* out_row = out + r * H;
-  const float factor = scale != nullptr ? scale[slot] : 1.0f;
+  const float factor = !ok ? 0.0f : scale != nullptr ? scale[slot] : 1.0f;
   for (int64_t c = threadIdx.x * static_cast<int64_t>(VEC); c < H; c += blockDim.x * static_cast<int64_t>(VEC)) {
     T x[VEC];
-    load_vec(src_row + c * stride_col, x);
+    if (ok) {
+      load_vec(src_row + c * stride_col, x);
+    } else {
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) x[q] = from_f32<T>(0.0f);
+    }
     if (scale != nullptr) {
 #pragma unroll
       for (int q = 0; q < VEC; ++q) x[q] = from_f32<T>(to_f32(x[q]) * factor);
@@ -47,11 +55,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   T* out_row = out + t * H;
   const int32_t* rows = index + t * K;
   const float* weights = weight != nullptr ? weight + t * K : nullptr;
+  const int64_t N = static_cast<int64_t>(gridDim.x) * K;  // rows lie in [0, T*K)
   for (int64_t c = threadIdx.x * static_cast<int64_t>(VEC); c < H; c += blockDim.x * static_cast<int64_t>(VEC)) {
     float acc[VEC];
 #pragma unroll
     for (int q = 0; q < VEC; ++q) acc[q] = 0.0f;
     for (int j = 0; j < K; ++j) {
+      const bool ok = rows[j] >= 0 && rows[j] < N;
+      FINTEAM_KERNEL_ASSERT(ok);
+      if (!ok) continue;
       const float w = weights != nullptr ? weights[j] : 1.0f;
       T x[VEC];
       load_vec(src + rows[j] * stride_row + c * stride_col, x);
@@ -72,6 +84,12 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
                     int64_t H, float* __restrict__ dot) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * kDotWarps + threadIdx.x / kWarp;
   if (s >= N) return;
+  const bool ok = index[s] >= 0 && index[s] < N;  // rows lie in [0, N); the same for the whole warp
+  FINTEAM_KERNEL_ASSERT(ok);
+  if (!ok) {
+    if (threadIdx.x % kWarp == 0) dot[s] = 0.0f;
+    return;
+  }
   const T* a_row = a + (s / K) * stride_a_row;
   const T* b_row = b + static_cast<int64_t>(index[s]) * stride_b_row;
   float acc = 0.0f;

@@ -196,7 +196,10 @@ __global__ void __launch_bounds__(kGatingWarps* kWarp)
   const int32_t* ids = ids_TK + t * K;
   T* grad = grad_TE + t * E;
   const RowStats stats = row_stats(row, stride_e, E, score);
-  if (!stats.alive) {
+  bool ids_ok = true;  // an id out of [0, E) would index past the row: the row's gradient is zero
+  for (int j = 0; j < K; ++j) ids_ok &= ids[j] >= 0 && ids[j] < E;
+  FINTEAM_KERNEL_ASSERT(ids_ok);
+  if (!stats.alive || !ids_ok) {
     for (int e = lane; e < E; e += kWarp) grad[e] = from_f32<T>(0.0f);
     return;
   }
@@ -250,8 +253,11 @@ __global__ void count_experts_kernel(const I* __restrict__ ids, int64_t n, int E
   for (int e = threadIdx.x; e < E; e += blockDim.x) bins[e] = 0;
   __syncthreads();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    atomicAdd(&bins[static_cast<int>(ids[i])], 1);
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool ok = ids[i] >= 0 && ids[i] < E;  // compared before narrowing; counted nowhere if not
+    FINTEAM_KERNEL_ASSERT(ok);
+    if (ok) atomicAdd(&bins[static_cast<int>(ids[i])], 1);
+  }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x)
     if (bins[e] != 0) atomicAdd(&counts[e], bins[e]);
