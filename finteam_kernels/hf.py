@@ -65,7 +65,8 @@ _REQUIRED_FLAGS = (
 
 def is_hf_experts(module: nn.Module) -> bool:
     """True for an experts module made by transformers' `use_experts_implementation`."""
-    return hasattr(module, "has_gate") and hasattr(module, "_is_expert_parallel") and hasattr(module, "config")
+    # has_gate and is_concatenated since transformers 5.17; _is_expert_parallel only from later versions
+    return hasattr(module, "has_gate") and hasattr(module, "is_concatenated") and hasattr(module, "config")
 
 
 def hf_activation(act_fn) -> str | None:
