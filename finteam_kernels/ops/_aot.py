@@ -16,7 +16,7 @@ each architecture, and reads from the compiler's own output:
 `problems(result)` turns these into findings: a failed compile, a spill in a hot kernel, shared
 memory over the architecture's limit, a pipeline shallower than asked (`expected_buffers`), a
 16-bit or TF32 dot not on wgmma on sm_90, approximate math in an exact kernel. Prints a table;
-exits non-zero on any finding. Compiles in `--jobs` worker processes (default: one per core).
+exits non-zero on any finding but those named by `--tolerate`. Compiles in `--jobs` worker processes (default: one per core).
 Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 import argparse
@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", default="", help="compile only the specs whose name contains this")
+    parser.add_argument("--tolerate", nargs="*", default=[], choices=["spills"],
+                        help="report these findings without failing (e.g. spills under an older Triton, "
+                             "whose register allocation differs)")
     parser.add_argument("--shard", help="i/n: compile only every n-th pair from the i-th (worker mode)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     bad = 0
     for r in results:
         found = problems(r)
-        bad += bool(found)
+        bad += any(not any(p.startswith(kind) for kind in args.tolerate) for p in found)
         if "error" in r:
             print(f"{r['name']:64} {r['arch']:6} FAILED {r['error']}")
             continue
