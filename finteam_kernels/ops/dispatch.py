@@ -18,11 +18,17 @@ from ._triton import cdiv, device_guard, interpreting
 MAX_ROWS = 2**31 - 1  # rows and slots are stored as int32
 
 
-def dispatch_fwd(topk_ids_TK: torch.Tensor, num_experts: int, tokens_per_expert_E: torch.Tensor | None = None):
+def dispatch_fwd(topk_ids_TK: torch.Tensor, num_experts: int):
     """Triton launcher: (expert_offsets_E1 int64, tokens_per_expert_E int32, row_to_slot_N int32,
     slot_to_row_N int32), no host synchronisation. One launch when the N slots fit one block,
-    two or three beyond (see dispatch_kernels.py). `tokens_per_expert_E`, when given, must be
-    the counts of these very ids (topk_gating's): they are not counted again, and are returned."""
+    three beyond (see dispatch_kernels.py)."""
+    return dispatch_counted(topk_ids_TK, num_experts, None)
+
+
+def dispatch_counted(topk_ids_TK: torch.Tensor, num_experts: int, tokens_per_expert_E: torch.Tensor | None):
+    """dispatch_fwd, given `tokens_per_expert_E` when the caller has them: they must be the counts
+    of these very ids (topk_gating's), are not counted again, and are returned. Then up to
+    SUM_MAX_BLOCKS blocks take two launches, not three."""
     from . import dispatch_kernels as dk
 
     _checks.check_int("dispatch", "num_experts", num_experts, 1, dk.MAX_EXPERTS, " for the triton backend")

@@ -38,7 +38,7 @@ SCAN_BLOCK_E = 32
 # Up to this many blocks, the place kernel adds up the histograms of the blocks before its own
 # (at most this many rows of E counts, from L2) rather than waiting on a scan launch.
 SUM_MAX_BLOCKS = 32
-SUM_TILE = 4096  # counts a program adds at once: [SUM_TILE // E_PAD, E_PAD]
+SUM_TILE = 2048  # counts a program adds at once: [SUM_TILE // E_PAD, E_PAD] (4096 spills at E_PAD 2048)
 
 
 class Prefix:

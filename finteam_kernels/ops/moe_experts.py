@@ -28,7 +28,7 @@ import torch
 from .. import _checks, reference
 from .._backend import direct_call, kernel, pick_backend
 from ._triton import cdiv, device_guard, interpreting
-from .dispatch import dispatch_fwd
+from .dispatch import dispatch_counted
 from .grouped_gemm import GEMM_DTYPES, gemm, wgrad
 from .permute import permute_bwd
 from .unpermute import unpermute_fwd
@@ -37,13 +37,19 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def moe_experts_fwd(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                    w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
-                    tokens_per_expert_E: torch.Tensor | None = None):
+                    w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool):
     """Triton launcher of the forward: (out_TH, h_N2I, expert_offsets_E1, row_to_slot_N, slot_to_row_N),
-    h_N2I being [0, 2I] unless needs_grad. `tokens_per_expert_E`: the ids' counts when the
-    caller has them (topk_gating's), so that dispatch does not count again."""
+    h_N2I being [0, 2I] unless needs_grad."""
+    return experts_forward(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
+                           None)
+
+
+def experts_forward(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
+                    tokens_per_expert_E):
+    """moe_experts_fwd, given the ids' counts `tokens_per_expert_E` when the caller has them
+    (topk_gating's), so that dispatch does not count again."""
     K = topk_ids_TK.shape[1]
-    expert_offsets_E1, _, row_to_slot_N, slot_to_row_N = dispatch_fwd(
+    expert_offsets_E1, _, row_to_slot_N, slot_to_row_N = dispatch_counted(
         topk_ids_TK, w_gate_up_E2IH.shape[0], tokens_per_expert_E)
     a_NI, h_N2I = gemm(x_TH, w_gate_up_E2IH, expert_offsets_E1, index_N=row_to_slot_N, index_div=K,
                        activation=activation, keep_h=needs_grad)
@@ -100,7 +106,7 @@ def _forward(backend: str, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w
     """The forward on a kernel backend; only the Triton one takes the counts (the compiled ones
     count on the way, at no launch cost)."""
     if backend == "triton":
-        return moe_experts_fwd(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation,
+        return experts_forward(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation,
                                needs_grad, tokens_per_expert_E)
     return kernel("moe_experts_fwd", backend, None)(
         x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad)
