@@ -13,7 +13,8 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """FINTEAM_AUTOTUNE=0 runs every kernel with its default config (no tuning runs)."""
+    """Whether a launch without a tuned table entry may tune at run time. FINTEAM_AUTOTUNE=0:
+    never (tables, else heuristics); never under the interpreter either."""
     return os.environ.get("FINTEAM_AUTOTUNE", "1") != "0" and not interpreting()
 
 
