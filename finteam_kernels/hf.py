@@ -28,7 +28,8 @@ from transformers.integrations.moe import ExpertsInterface
 
 from ._autocast import compute_dtype
 from .layers import FinTeamMoE
-from .ops.moe_experts import moe_experts
+from ._checks import check_ids
+from .ops.moe_experts import routed_experts
 
 NAME = "finteam"
 
@@ -108,9 +109,12 @@ def finteam_experts_forward(
     # autocast does not reach into custom ops: cast as it would for the eager experts' F.linear
     dtype = compute_dtype(hidden_states.device, self.gate_up_proj.dtype)
     x_TH, w_gate_up_E2IH, w_down_EHI = (t.to(dtype) for t in (hidden_states, self.gate_up_proj, self.down_proj))
-    out_TH = moe_experts(
+    # activation_of checked the module (weights' layout, activation) and the model shapes x and
+    # the routing, so of moe_experts' argument checks only the ids' range is left to do.
+    ids_checked = check_ids("finteam experts", "top_k_index", top_k_index, w_gate_up_E2IH.shape[0])
+    out_TH = routed_experts(
         x_TH, top_k_index, top_k_weights, w_gate_up_E2IH, w_down_EHI, activation,
-        backend=getattr(self, "finteam_backend", None),
+        getattr(self, "finteam_backend", None), ids_checked=ids_checked,
     )
     return out_TH.to(hidden_states.dtype)
 

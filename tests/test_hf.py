@@ -65,10 +65,10 @@ def test_fp32_matches_eager(family):
 @pytest.mark.parametrize("backend", ["reference"] + [
     b for b in kernel_backends() if why_unusable(b, torch.device("cpu"), "moe_experts") is None])
 def test_backend_is_passed_through(backend, monkeypatch):
-    """patch(model, backend=...) reaches moe_experts, and each backend gives eager's results."""
+    """patch(model, backend=...) reaches the experts op, and each backend gives eager's results."""
     seen = []
-    original = hf.moe_experts
-    monkeypatch.setattr(hf, "moe_experts", lambda *a, **kw: seen.append(kw["backend"]) or original(*a, **kw))
+    original = hf.routed_experts
+    monkeypatch.setattr(hf, "routed_experts", lambda *a, **kw: seen.append(a[6]) or original(*a, **kw))
     eager = build("mixtral", "eager")
     fast = hf.patch(copy.deepcopy(eager), backend=backend)
     ids = tokens(eager)
@@ -200,3 +200,16 @@ def test_loading_an_unsupported_model_with_finteam_fails_at_the_first_forward():
     model.set_experts_implementation("finteam")
     with pytest.raises(ValueError, match="GptOssExperts"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [
+    b for b in kernel_backends() if why_unusable(b, torch.device("cpu"), "moe_experts") is None])
+def test_expert_ids_out_of_range_are_refused(backend):
+    """The experts forward trusts the module it checked, never the ids: one past E is an error."""
+    experts = moe_blocks(hf.patch(build("mixtral", "eager"), backend=backend))[0].experts
+    E, _, H = experts.gate_up_proj.shape
+    x, weights = torch.randn(3, H), torch.full((3, 2), 0.5)
+    for bad in (E, -1):
+        ids = torch.tensor([[0, 1], [1, bad], [0, 1]])
+        with pytest.raises(ValueError, match=r"top_k_index must hold expert ids in \[0, "):
+            hf.finteam_experts_forward(experts, x, ids, weights)
