@@ -28,7 +28,8 @@ from finteam.config import RecipeError, check_world, load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 # E = 4 (three roles + the base), top-2, so each of the 2 ranks holds 2 experts.
-TEAM = ["assemble.base_expert=true", "instruct.train.batch_size=4", f"instruct.train.steps={STEPS}",
+# mix off: instruct starts from the team this file saves at seed0/moe/model.
+TEAM = ["mix.enabled=false", "assemble.base_expert=true", "instruct.train.batch_size=4", f"instruct.train.steps={STEPS}",
         "instruct.train.save_every=2", "instruct.train.log_every=1", "instruct.train.warmup=1"]
 
 
