@@ -325,10 +325,13 @@ def matmul_rate(m: int, n: int, k: int, device: torch.device | str, dtype=torch.
     return tflops(2.0 * m * n * k, stats.median_ms)
 
 
-def ceilings(device: torch.device | str, quick: bool = True, stream_bytes: int | None = None) -> dict:
+def ceilings(device: torch.device | str, quick: bool = True, stream_bytes: int | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> dict:
     """The roofline of this machine, measured now (see the module docstring). The bandwidth
     probes stream `stream_bytes` (default: 4x the last-level cache, at least 512 MiB on a CPU
-    in quick mode and 1 GiB otherwise); smaller values only suit smoke tests."""
+    in quick mode and 1 GiB otherwise); smaller values only suit smoke tests. The matmul rate is
+    measured in `dtype`, the dtype of the run it judges (a CPU without AVX-512 computes bf16
+    GEMMs some 50x slower than fp32 ones: one dtype's roof says nothing of the other's)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     big = stream_bytes or max(4 * cache_bytes(device), (1 << 30) if gpu or not quick else 512 << 20)
@@ -349,11 +352,11 @@ def ceilings(device: torch.device | str, quick: bool = True, stream_bytes: int |
     result = {
         "copy_gbs": gbs(2 * big, copy.median_ms),
         "gemv_gbs": gbs(gemv_bytes, gemv.median_ms),
-        "matmul_tflops": matmul_rate(size, size, size, device, quick=quick),
+        "matmul_tflops": matmul_rate(size, size, size, device, dtype, quick=quick),
         "how": {
             "copy": f"copy of {big / 2**20:.0f} MiB bf16 (bytes read + written)",
             "gemv": f"bf16 [{gemv_bytes // 2 // cols}, {cols}] @ [{cols}] ({gemv_bytes / 2**20:.0f} MiB weight)",
-            "matmul": f"bf16 {size}x{size}x{size} GEMM",
+            "matmul": f"{str(dtype).removeprefix('torch.')} {size}x{size}x{size} GEMM",
             "cache_bytes": cache_bytes(device),
         },
     }

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     if load is not None and load > cores:
         header += f"\nwarning: load average {load:.1f} on {cores} cores: other work shares this machine, timings are unreliable"
     print(header, flush=True)
-    roof = harness.ceilings(device, quick=quick, stream_bytes=args.ceiling_mib and args.ceiling_mib << 20)
+    roof = harness.ceilings(device, quick=quick, stream_bytes=args.ceiling_mib and args.ceiling_mib << 20,
+                            dtype=plan.dtype)
     rows, skipped = run(plan, roof, log=lambda line: print(line, file=sys.stderr, flush=True))
     on_gpu = device.type == "cuda"
     targets = judge_targets(rows, on_gpu)
