@@ -3,8 +3,8 @@ analysts), each continued-pretrained from one base model, is merged into a Mixtu
 (Branch-Train-MiX), instruction-tuned on financial tasks and evaluated against dense baselines.
 
 Stages (one module each; `finteam <stage>` runs one, `finteam run` runs all):
-    data -> tokenizer -> pretrain -> assemble -> instruct -> evaluate, and generate.
-Recipes (YAML, typed by the dataclasses in `finteam.config`): tiny (default), smoke, llama3-8b.
+    data -> tokenizer -> pretrain -> assemble -> mix -> instruct -> evaluate, and generate.
+Recipes (YAML, typed by the dataclasses in `finteam.config`): tiny (default), smoke, fiqa, llama3-8b.
 """
 import importlib.util
 
