@@ -1,19 +1,18 @@
 """Pretraining as a user runs it: killed and resumed, interrupted with Ctrl-C, and data-parallel
 under torchrun (FSDP2 over gloo, two CPU processes). Each run is a real `finteam` process."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from finteam import pipeline
 from finteam.config import load_recipe
+from runs import new_run, prepared  # noqa: F401 (prepared is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
@@ -35,20 +34,6 @@ def command(out: Path, **extra) -> list[str]:
 def env() -> dict:
     # One thread per process: the same arithmetic in every run, so resumed weights match bitwise.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """data/ and tokenizer/ of the smoke recipe, made once and copied into each run."""
-    out = tmp_path_factory.mktemp("prepared")
-    pipeline.run_data(load_recipe("smoke", [f"out_dir={out}"]))
-    return out
-
-
-def new_run(prepared: Path, path: Path) -> Path:
-    for part in ("data", "tokenizer"):
-        shutil.copytree(prepared / part, path / part)
-    return path
 
 
 def finteam(args: list[str], **kw) -> subprocess.Popen:

@@ -4,7 +4,6 @@ are checked before anything reads them; a changed setting reruns what it affects
 with the difference); one run at a time per run folder. Smallest settings throughout."""
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,23 +25,10 @@ from finteam.cli import main
 from finteam.config import TrainConfig, load_recipe, settings_of
 from finteam.tokenizer import load as load_tokenizer
 from finteam.train import Diverged, fit
+from runs import new_run, prepared  # noqa: F401 (prepared is a fixture)
 
 TINY = {"pretrain.base.steps": 4, "pretrain.base.save_every": 2, "pretrain.base.batch_size": 4,
         "pretrain.expert.steps": 2, "pretrain.expert.save_every": 1, "pretrain.expert.batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """The smoke recipe's data/ and tokenizer/, made once and copied into each run."""
-    out = tmp_path_factory.mktemp("prepared")
-    pipeline.run_data(load_recipe("smoke", [f"out_dir={out}"]))
-    return out
-
-
-def new_run(prepared: Path, path: Path) -> Path:
-    for part in ("data", "tokenizer"):
-        shutil.copytree(prepared / part, path / part)
-    return path
 
 
 def args(command: list[str], run: Path, **fields) -> list[str]:
