@@ -140,5 +140,4 @@ def _extensions():
 
 
 ext_modules, cmdclass, _ = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      package_data={PACKAGE: [INFO_FILE], "finteam": ["recipes/*.yaml"]})
+setup(ext_modules=ext_modules, cmdclass=cmdclass)  # package data: pyproject.toml
