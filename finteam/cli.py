@@ -162,6 +162,8 @@ def _run(command: str, args, recipe) -> int:
     except (Diverged, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"finteam {command}: {err}", file=sys.stderr)
         return 1
+    finally:
+        _end_distributed()
     return 0
 
 
@@ -177,6 +179,16 @@ def _init_distributed(recipe) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+
+
+def _end_distributed() -> None:
+    # Left to the interpreter's exit, gloo's worker threads can outlive the objects they use and
+    # abort the process after a finished run; destroying the group explicitly avoids that.
+    # No barrier first: on an error the other ranks may never arrive.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _generate(args, recipe) -> int:

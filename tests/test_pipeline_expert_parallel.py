@@ -135,6 +135,10 @@ def gradient_worker(rank: int, world: int, port: int, result: dict) -> None:
         if rank == 0:
             result.update(loss=(plain_loss.item(), ep_loss.item(), recomputed_loss.item()),
                           norm=(plain_norm.item(), ep_norm.item()), grads=grads, recomputed=recomputed)
+        # No rank tears gloo down while another is still in a collective or writing the result
+        # (a rank that did so aborted its peer: "terminate called without an active exception").
+        dist.barrier()
+        del plain, team, ep, loss_of
     finally:
         dist.destroy_process_group()
 
