@@ -127,6 +127,7 @@ def worker(rank: int, port: int) -> None:
                 raise AssertionError(f"case {name}, rank {rank}: {err}") from err
         check_state_dicts(rank)
         check_bias_update_sums_counts(rank)
+        dist.barrier()  # no rank tears gloo down while another is still exchanging
     finally:
         dist.destroy_process_group()
 
