@@ -122,6 +122,11 @@ class TrainConfig:
 class PretrainConfig:
     base: TrainConfig = field(default_factory=TrainConfig)  # the shared base (named sizes only)
     expert: TrainConfig = field(default_factory=TrainConfig)  # each role expert, from the base
+    # What trains in each expert: "all" weights, or the "ffn" alone (attention, norms and
+    # embeddings stay the base's, so the assembled team with `assemble.shared: base` is exactly
+    # expert e wherever its router picks e; averaging attention that moved apart loses the
+    # experts' knowledge, docs/pipeline.md).
+    expert_trains: str = setting("all", choices=("all", "ffn"))
 
 
 @dataclass

@@ -216,7 +216,7 @@ def run_pretrain(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
         else:
             stage(f"pretrain {name}", out, recipe, force,
                   lambda: pretrain.train_expert(recipe, name, p.data, base_dir(recipe, k), tok, out, seed, dev),
-                  needs=(*lm, "pretrain.expert"), inputs=(*corpora, *[p.model(k, "base")] * named))
+                  needs=(*lm, "pretrain.expert", "pretrain.expert_trains"), inputs=(*corpora, *[p.model(k, "base")] * named))
 
 
 def base_dir(recipe: Recipe, k: int) -> Path:

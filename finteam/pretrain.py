@@ -5,7 +5,8 @@ baseline.
                path, used as it is)
   experts      each role's expert starts from the base and trains on its own corpus only
                (Branch-Train-MiX's "branch" and "train": the experts never talk to each other,
-               so on a cluster they train in parallel)
+               so on a cluster they train in parallel); all weights, or the FFNs alone
+               (`pretrain.expert_trains`)
   dense        the baseline: a Llama whose FFN is top_k times wider (the team's active size),
                from scratch on the mixed corpora for as many tokens as base + all experts saw
 """
@@ -60,6 +61,9 @@ def train_base(recipe: Recipe, data_dir: Path, tokenizer, out: Path, seed: int, 
 
 def train_expert(recipe: Recipe, role: str, data_dir: Path, base: Path, tokenizer, out: Path, seed: int, device) -> dict:
     model = load_model(base)
+    if recipe.pretrain.expert_trains == "ffn":
+        for name, p in model.named_parameters():
+            p.requires_grad_(".mlp." in name)
     return train_lm(recipe, model, load_corpus(data_dir, role), tokenizer, recipe.pretrain.expert, out,
                     f"pretrain {role}", seed, device)
 

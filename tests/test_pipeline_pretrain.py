@@ -117,3 +117,24 @@ def test_fsdp2_two_processes_match_one_process_with_accumulation(prepared, tmp_p
         if name in a:
             moved += not torch.allclose(t, a[name], atol=1e-4)
     assert moved > len(a) // 2
+
+
+def test_ffn_only_experts_keep_every_other_weight_of_the_base(prepared, tmp_path):
+    """`pretrain.expert_trains: ffn`: attention, norms and embeddings stay the base's bit for bit
+    (so the team with `assemble.shared: base` is exactly each expert where its router picks it),
+    and every FFN weight moves."""
+    run = new_run(prepared, tmp_path / "run")
+    recipe = load_recipe("smoke", [f"out_dir={run}", "pretrain.expert_trains=ffn"])
+    pipeline.run_pretrain(recipe, 0, only=["base", "macro"])
+    base = load_file(run / "seed0" / "base" / "model" / "model.safetensors")
+    expert = load_file(run / "seed0" / "experts" / "macro" / "model" / "model.safetensors")
+    assert base.keys() == expert.keys()
+    ffn = [name for name in base if ".mlp." in name]
+    from finteam import model as models
+
+    assert len(ffn) == 3 * models.SIZES["smoke"]["num_hidden_layers"]  # gate, up and down of each layer
+    for name in base:
+        if name in ffn:
+            assert not torch.equal(base[name], expert[name]), f"{name} did not train"
+        else:
+            assert torch.equal(base[name], expert[name]), f"{name} moved"
