@@ -49,8 +49,9 @@ class _IssuedPlan(DispatchPlan):
 
 def issued_plan(*fields: torch.Tensor) -> DispatchPlan:
     """The plan `dispatch` returns: a DispatchPlan the ops trust while its tensors are unwritten
-    (a plain one while torch.compile traces, which has no version counters to read)."""
-    if torch.compiler.is_compiling():
+    (a plain one while torch.compile traces, or under torch.inference_mode: neither has
+    version counters to read, so such a plan is validated wherever it is used)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in fields):
         return DispatchPlan(*fields)
     plan = _IssuedPlan(*fields)
     plan._versions = tuple(t._version for t in fields)

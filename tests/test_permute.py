@@ -133,3 +133,19 @@ def test_permute_errors():
         permute(x.to("meta"), plan)
     with pytest.raises(ValueError, match=r"permute: backend must be one of .* got 'fast'"):
         permute(x, plan, backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plans_made_under_inference_mode(backend):
+    """Inference tensors have no version counter, so a plan `dispatch` makes under
+    torch.inference_mode cannot prove it is unwritten: it is a plain plan, validated where it is
+    used, and a row index written into it out of range is an error, not an out-of-bounds read."""
+    T, K, E, H = 6, 2, 4, 8
+    with torch.inference_mode():
+        ids = routed(T, K, E)
+        x = torch.randn(T, H)
+        plan = dispatch(ids, E, backend=backend)
+        assert torch.equal(permute(x, plan, backend=backend), reference.permute(x, reference.dispatch(ids, E)))
+        plan.row_to_slot_N[0] = T * K  # one past the last slot
+        with pytest.raises(ValueError, match=r"permute: plan\.row_to_slot_N"):
+            permute(x, plan, backend=backend)
