@@ -17,20 +17,32 @@ if GPU_SESSION:
 else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+# torch is imported in the hooks, after pytest_configure has checked that it is there: a bare
+# interpreter gets the install command, not an ImportError from this file.
+NOT_INSTALLED = ("the tests need torch and this package installed, as the README's test command does: "
+                 "pip install torch==2.13.0 setuptools wheel && pip install --no-build-isolation '.[test]'")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
+
     torch.manual_seed(0)
 
 
 def pytest_configure(config):
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("finteam_kernels") is None:
+        pytest.exit(NOT_INSTALLED, returncode=4)
     config.addinivalue_line("markers", "library_only: a GPU test of the CUDA library's own compiled ops")
 
 
 def pytest_report_header(config):
+    import torch
+
     if GPU_SESSION:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU: every test is skipped"
         return f"finteam GPU suite (compiled Triton kernels): {gpu}"
@@ -38,6 +50,8 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     if GPU_SESSION:
         off_gpu = pytest.mark.skip(reason="the GPU suite (FINTEAM_GPU_TESTS=1) runs only the tests marked cuda")
         no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
