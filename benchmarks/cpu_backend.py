@@ -103,7 +103,10 @@ def gemv_rate(quick: bool) -> float:
 def ceilings(quick: bool) -> dict:
     """The harness's ceilings, with the weight-streaming and GEMM probes of this benchmark: the
     higher of each pair counts."""
-    dtypes = (torch.float32,) if harness.bf16_gemm_is_slow() else (torch.bfloat16, torch.float32)
+    # Below AVX-512 the library multiplies bf16 data in fp32 on widened operands (csrc/cpu/gemm.cpp):
+    # ATen's bf16 GEMM is emulated there, ~50x slower, and one probe of it takes minutes.
+    emulated = torch.ops.finteam.cpu_capability().startswith(("avx2", "baseline"))
+    dtypes = (torch.float32,) if emulated else (torch.bfloat16, torch.float32)
     rate = harness.ceilings("cpu", quick=quick, dtype=dtypes[0])
     rate["gemv_gbs"] = max(rate["gemv_gbs"], gemv_rate(quick))
     rate["dense_gemm_tflops"] = dense_gemm_rate(quick, dtypes)

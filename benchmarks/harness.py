@@ -317,22 +317,6 @@ def random_tensor(shape: tuple[int, ...], device, dtype=torch.bfloat16, scale: f
     return tile.repeat(math.ceil(numel / block))[:numel].view(shape)
 
 
-def bf16_gemm_is_slow() -> bool:
-    """True on a CPU whose ATen bf16 GEMM runs at under a quarter of its fp32 one (no AVX-512:
-    there a 2048^3 bf16 product takes about a minute). Timing a bf16 ceiling there only costs
-    minutes; the fastest way to multiply bf16 data is then fp32 on widened operands."""
-    a32 = random_tensor((256, 256), "cpu", torch.float32)
-    a16 = a32.to(torch.bfloat16)
-    rate = {}
-    for name, a in (("fp32", a32), ("bf16", a16)):
-        a @ a
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        rate[name] = 3 / (time.perf_counter() - t0)
-    return rate["bf16"] < rate["fp32"] / 4
-
-
 def matmul_rate(m: int, n: int, k: int, device: torch.device | str, dtype=torch.bfloat16, quick: bool = True) -> float:
     """TFLOP/s of a dense `[m, k] @ [k, n]` product in `dtype`."""
     device = torch.device(device)

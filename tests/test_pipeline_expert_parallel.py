@@ -138,7 +138,6 @@ def gradient_worker(rank: int, world: int, port: int, result: dict) -> None:
         # No rank tears gloo down while another is still in a collective or writing the result
         # (a rank that did so aborted its peer: "terminate called without an active exception").
         dist.barrier()
-        del plain, team, ep, loss_of
     finally:
         dist.destroy_process_group()
 

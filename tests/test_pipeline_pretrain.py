@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from finteam import model as models
 from finteam import pipeline
 from finteam.config import load_recipe
+from finteam.tokenizer import load
 from runs import new_run, prepared  # noqa: F401 (prepared is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +110,6 @@ def test_fsdp2_two_processes_match_one_process_with_accumulation(prepared, tmp_p
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     initial = load_recipe("smoke")  # the weights moved away from init, so the match means something
-    from finteam import model as models
-    from finteam.tokenizer import load
-
     tok = load(dp / "tokenizer")
     fresh = models.build(models.llama_config(initial.model.base, len(tok), tok.pad_token_id, tok.eos_token_id), initial.seed)
     for name, t in fresh.state_dict().items():
@@ -130,8 +129,6 @@ def test_ffn_only_experts_keep_every_other_weight_of_the_base(prepared, tmp_path
     expert = load_file(run / "seed0" / "experts" / "macro" / "model" / "model.safetensors")
     assert base.keys() == expert.keys()
     ffn = [name for name in base if ".mlp." in name]
-    from finteam import model as models
-
     assert len(ffn) == 3 * models.SIZES["smoke"]["num_hidden_layers"]  # gate, up and down of each layer
     for name in base:
         if name in ffn:
