@@ -154,6 +154,11 @@ class InstructConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainable: str = setting("all", choices=("all", "router", "router+attention"))
     max_len: int = setting(192, ge=16)  # longest prompt+answer kept (longer prompts are cut from the left)
+    # How answer tokens are averaged into the loss: "example" (each example's answer tokens
+    # averaged, then the examples: a one-word label weighs as much as a 12-token entity list)
+    # or "token" (every answer token alike, as transformers' own loss does). docs/pipeline.md
+    # measures both.
+    loss: str = setting("example", choices=("example", "token"))
     # How transformers runs the MoE experts: "finteam" (our kernels) or a transformers name
     # such as "eager". "finteam" needs finteam_kernels.hf.
     experts_implementation: str = setting("finteam", choices=_experts_implementations)

@@ -180,13 +180,14 @@ class ExpertParallel(DataParallel):
 
 
 class RouterLoss:
-    """The training loss of a Mixtral whose MoE blocks are FinTeamMoE: the model's own loss plus
-    `config.router_aux_loss_coef` times transformers' load-balancing loss, as
-    `output_router_logits=True` adds it to an unconverted Mixtral."""
+    """The training loss of a Mixtral whose MoE blocks are FinTeamMoE: `loss_of(model, batch)`
+    (the model's own loss by default) plus `config.router_aux_loss_coef` times transformers'
+    load-balancing loss, as `output_router_logits=True` adds it to an unconverted Mixtral."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss_of=None):
         from finteam_kernels import FinTeamMoE
 
+        self.loss_of = loss_of or (lambda model, batch: model(**batch).loss)
         self.coef = model.config.router_aux_loss_coef
         self.num_experts, self.top_k = model.config.num_local_experts, model.config.num_experts_per_tok
         self.logits: list[torch.Tensor] | None = None  # a list only during a training forward
@@ -205,7 +206,7 @@ class RouterLoss:
 
         self.logits = []
         try:
-            loss = model(**batch).loss
+            loss = self.loss_of(model, batch)
             logits = tuple(self.logits)
         finally:
             self.logits = None

@@ -1,6 +1,7 @@
 """Stage `instruct`: instruction-tune a model (the team, or a baseline) on the task mixture.
 
-Loss on answers only (see batches.py). For the team, transformers' load-balancing loss is added
+Loss on answers only (see batches.py), averaged per example by default (`instruct.loss`,
+`example_loss`). For the team, transformers' load-balancing loss is added
 (`output_router_logits=True`, weighted by the config's `router_aux_loss_coef`) and its experts
 run through `instruct.experts_implementation` ("finteam": our kernels). With
 `distributed.expert_parallel` > 1 under torchrun, the team's experts are split over the ranks
@@ -13,8 +14,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from . import model as models
-from .batches import Instructions
+from .batches import IGNORE, Instructions
 from .checkpoint import load_model, save_model, stamp
 from .config import Recipe
 from .data import load_tasks
@@ -37,16 +41,36 @@ def select_trainable(model, trainable: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def example_loss(model, batch: dict) -> torch.Tensor:
+    """Answer-token cross-entropy averaged within each example, then over the examples that
+    have an answer token, plus the team's load-balancing loss where the model returns one (as
+    transformers adds it to its own loss). A token mean would let the long answers (entity
+    lists, numbers) outweigh the one-word labels of the classification tasks several times."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    target_BL = batch["labels"][:, 1:]
+    logits_BLV = out.logits[:, :-1]
+    per_token_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(), ignore_index=IGNORE,
+                                   reduction="none").view_as(target_BL)
+    answered_B = (target_BL != IGNORE).sum(1)
+    per_example_B = per_token_BL.sum(1) / answered_B.clamp_min(1)
+    loss = per_example_B.sum() / (answered_B > 0).sum().clamp_min(1)
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        loss = loss + model.config.router_aux_loss_coef * aux.to(loss.device)
+    return loss
+
+
 def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, seed: int, label: str, device) -> dict:
     cfg = recipe.instruct
     model = load_model(model_dir)
     n_train = select_trainable(model, cfg.trainable)
     log(f"{label}  {n_train / 1e6:.2f}M of {models.num_params(model) / 1e6:.2f}M parameters train")
-    parallel, loss_of = None, model_loss
+    parallel, loss_of = None, example_loss if cfg.loss == "example" else model_loss
     if is_moe(model) and recipe.distributed.expert_parallel > 1:
         parallel = ExpertParallel(recipe.distributed.expert_parallel, device)
         parallel.convert(model, str(model_dir))  # keeps each parameter's requires_grad
-        loss_of = RouterLoss(model)
+        loss_of = RouterLoss(model, loss_of)
     elif is_moe(model):
         models.use_experts(model, cfg.experts_implementation)
         model.config.output_router_logits = True
