@@ -10,10 +10,13 @@ sends to each expert, top-k assignments counted, per layer and averaged; a PNG h
 
 Throughput: the team with transformers' eager experts vs ours (`finteam`), and the dense
 baseline, each on the same batch: training tokens/s (forward+backward+AdamW step), prefill
-tokens/s (one forward over the batch), decode tokens/s (greedy generation with the KV cache).
+tokens/s (one forward over the batch), decode tokens/s (greedy generation with the KV cache);
+medians of 7 timings, the three models' runs interleaved so that a shared host's drift falls on
+all of them alike.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -176,16 +179,9 @@ def heat_map(table: dict, expert_names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
-
-
-def throughput(model, batch: int, seq_len: int, decode_tokens: int = 16, repeats: int = 3) -> dict:
-    """tokens/s for a training step, a prefill and a greedy decode on random tokens."""
+def workloads(model, batch: int, seq_len: int, decode_tokens: int = 16) -> dict:
+    """The timed workloads on random tokens, {name: (function, tokens it processes)}: a training
+    step, a prefill and a greedy decode of `decode_tokens` after a quarter-length prompt."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -209,22 +205,39 @@ def throughput(model, batch: int, seq_len: int, decode_tokens: int = 16, repeats
             model.generate(input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
 
-    t_train, t_prefill, t_decode = _timed(train_step, repeats), _timed(prefill, repeats), _timed(decode, 1)
-    return {"train_tok_s": round(ids.numel() / t_train), "prefill_tok_s": round(ids.numel() / t_prefill),
-            "decode_tok_s": round(batch * decode_tokens / t_decode)}
+    return {"train": (train_step, ids.numel()), "prefill": (prefill, ids.numel()), "decode": (decode, batch * decode_tokens)}
 
 
-def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg) -> dict:
+def interleaved_tokens_per_s(runs: dict, repeats: int) -> dict:
+    """{row: {f"{workload}_tok_s": tokens/s}} for `runs` = {row: workloads(...)}: the median of
+    `repeats` timings after one warm-up, every row's workloads run in turn within each repeat,
+    so that the drift of a shared host falls on all rows alike and their ratios hold."""
+    seconds = {row: {name: [] for name in w} for row, w in runs.items()}
+    for repeat in range(repeats + 1):
+        for row, w in runs.items():
+            for name, (fn, _) in w.items():
+                t0 = time.perf_counter()
+                fn()
+                if repeat:
+                    seconds[row][name].append(time.perf_counter() - t0)
+    return {row: {f"{name}_tok_s": round(tokens / statistics.median(seconds[row][name])) for name, (_, tokens) in w.items()}
+            for row, w in runs.items()}
+
+
+def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg, repeats: int = 7) -> dict:
     """{row name: tokens/s numbers, or the reason the row could not run}."""
-    rows = {}
+    rows, runs = {}, {}
     for impl in ("eager", "finteam"):
+        name = f"team, {impl} experts"
         why = models.experts_available(impl)
         if why:
-            rows[f"team, {impl} experts"] = {"skipped": why}
+            rows[name] = {"skipped": why}
             continue
         moe = load_model(moe_dir)
         models.use_experts(moe, impl)
-        rows[f"team, {impl} experts"] = throughput(moe, cfg.throughput_batch, cfg.throughput_seq_len)
+        rows[name], runs[name] = None, workloads(moe, cfg.throughput_batch, cfg.throughput_seq_len)
     if dense_dir is not None:
-        rows["dense (same active size)"] = throughput(load_model(dense_dir), cfg.throughput_batch, cfg.throughput_seq_len)
+        name = "dense (same active size)"
+        rows[name], runs[name] = None, workloads(load_model(dense_dir), cfg.throughput_batch, cfg.throughput_seq_len)
+    rows.update(interleaved_tokens_per_s(runs, repeats))
     return rows

@@ -33,3 +33,22 @@ def test_cached_choice_scoring_matches_full_sequences(tokenizer, kind, choices, 
     plain = evaluate.choice_logprobs_plain(model, tokenizer, PROMPTS, choices, 192, batch_size)
     assert fast.shape == (len(PROMPTS), len(choices))
     torch.testing.assert_close(fast, plain, rtol=0, atol=2e-5)
+
+
+def test_throughput_takes_medians_of_interleaved_runs_after_a_warm_up(monkeypatch):
+    clock, order = [0.0], []
+
+    def workload(row, seconds):  # a workload that takes `seconds[i]` of fake time on its i-th call
+        calls = iter(seconds)
+
+        def run():
+            order.append(row)
+            clock[0] += next(calls)
+        return run
+
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+    runs = {"a": {"train": (workload("a", [100.0, 1.0, 3.0, 2.0]), 60)},
+            "b": {"train": (workload("b", [100.0, 4.0, 4.0, 9.0]), 60)}}
+    rows = evaluate.interleaved_tokens_per_s(runs, repeats=3)
+    assert rows == {"a": {"train_tok_s": 30}, "b": {"train_tok_s": 15}}  # 60 tokens / median 2 s and 4 s; warm-up left out
+    assert order == ["a", "b"] * 4
