@@ -134,8 +134,9 @@ def routed_counts(counts, K):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_moe_experts_few_rows(backend, dtype):
-    """The cpu backward's row mixes (experts with at most 16 rows) against the reference: 1 row,
-    an empty expert between busy ones, 16 and 17 rows (either side of the switch to ATen), 33;
+    """The cpu backward's row mixes (experts with at most 16 rows) and its fp32 forward's small-row
+    GEMM (at most 32 rows) against the reference: 1 row, an empty expert between busy ones, 16
+    and 17 rows (either side of the backward's switch to ATen), 33 (past the forward's);
     H=131 ends in a partial 64-column chunk and a partial task of 128 columns, 2I=134 splits
     dW_gate_up into tasks of 64, 64 and 6 rows; odd I; w_down non-contiguous (every other expert)."""
     counts, K, H, I = [1, 0, 16, 17, 5, 0, 3, 33, 1, 2], 2, 131, 67

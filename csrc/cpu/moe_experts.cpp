@@ -5,8 +5,9 @@
 //
 // Forward. The plan groups rows by expert (a counting sort). Then each expert is one of two
 // kinds, by its row count:
-//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, or 1024 with AMX): the
-//     weight-streaming kernels of dot_bf16.h read every weight byte once per call. Pass 1
+//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, or 1024 with AMX)
+//     or kSmallRowsF32 (fp32, any CPU): the weight-streaming kernels of dot_bf16.h or dot_f32.h
+//     read every weight byte once per call. Pass 1
 //     splits the gate/up rows of all such experts between the threads; each task computes a
 //     block of gate rows and the matching up rows for the expert's tokens, read in place from
 //     x (no gather), and writes the activation (and h, when the backward needs it): the GLU is
@@ -25,9 +26,11 @@
 // sums of scaled rows (mix.h), every such expert's tasks in one parallel pass per step; one
 // with many goes to ATen. An expert with no rows gets exactly zero weight gradients.
 
+#include <cstring>
 #include <vector>
 
 #include "dot_bf16.h"
+#include "dot_f32.h"
 #include "gemm.h"
 #include "checks.h"
 #include "ops_cpu.h"
@@ -62,29 +65,54 @@ Shapes check_shapes(const at::Tensor& x_TH, const at::Tensor& weights_TK, const 
 
 at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-// The weight-streaming forward of the experts in `experts` (each with at most skinny_max_rows()
-// rows): writes y_NH rows, and h_N2I rows when h_N2I has any.
+// The two element types the streaming forward takes: bf16 weights through dot_bf16.h's
+// kernels, fp32 ones through dot_f32.h's. Each overload set: the batch prepared once for every
+// weight row it meets, the GEMM of a block of weight rows, and a row of fp32 results stored.
+SkinnyRows batch_rows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles) {
+  return SkinnyRows(rows, M, D, whole_tiles);
+}
+std::vector<const float*> batch_rows(const float* const* rows, int64_t M, int64_t, bool) { return {rows, rows + M}; }
+void rows_gemm(const c10::BFloat16* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const SkinnyRows& x, float* out,
+               int64_t ldo) {
+  skinny_gemm_bf16(w, ldw, D, o0, o1, x, out, ldo);
+}
+void rows_gemm(const float* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const std::vector<const float*>& x,
+               float* out, int64_t ldo) {
+  small_gemm_f32(w, ldw, D, o0, o1, x, out, ldo);
+}
+void store_row(const float* src, int64_t n, c10::BFloat16* dst) { narrow_row(src, n, dst); }
+void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+
+// The weight-streaming forward of the experts in `experts`: writes y_NH rows, and h_N2I rows
+// when h_N2I has any.
+template <typename scalar_t>
 void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Shapes& s, const at::Tensor& w_gate_up,
                        const at::Tensor& w_down, Activation act, const std::vector<int64_t>& offsets,
                        const std::vector<int64_t>& experts, at::Tensor& h_N2I, at::Tensor& y_NH) {
   const int64_t I = s.I, H = s.H, count = static_cast<int64_t>(experts.size());
   std::vector<int64_t> act_row(count + 1, 0);  // each expert's first row in act_MI
-  for (int64_t i = 0; i < count; ++i) act_row[i + 1] = act_row[i] + offsets[experts[i] + 1] - offsets[experts[i]];
+  int64_t max_rows = 0;  // the scratch rows a task needs
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t M = offsets[experts[i] + 1] - offsets[experts[i]];
+    act_row[i + 1] = act_row[i] + M;
+    max_rows = std::max(max_rows, M);
+  }
   auto act_MI = at::empty({act_row[count], I}, x.options());
-  auto* act_data = act_MI.data_ptr<c10::BFloat16>();
-  const auto* wgu = w_gate_up.const_data_ptr<c10::BFloat16>();
-  const auto* wd = w_down.const_data_ptr<c10::BFloat16>();
+  auto* act_data = act_MI.data_ptr<scalar_t>();
+  const auto* wgu = w_gate_up.const_data_ptr<scalar_t>();
+  const auto* wd = w_down.const_data_ptr<scalar_t>();
   const bool keep_h = h_N2I.size(0) > 0;
-  auto* h = keep_h ? h_N2I.data_ptr<c10::BFloat16>() : nullptr;
+  auto* h = keep_h ? h_N2I.data_ptr<scalar_t>() : nullptr;
+  using Rows = decltype(batch_rows(static_cast<const scalar_t* const*>(nullptr), 0, 0, false));
 
   // Each expert's batch: its tokens' rows of x, read in place (no gather).
-  std::vector<SkinnyRows> tokens;
-  const auto* xp = x.const_data_ptr<c10::BFloat16>();
+  std::vector<Rows> tokens;
+  const auto* xp = x.const_data_ptr<scalar_t>();
   for (int64_t i = 0; i < count; ++i) {
     const int64_t first = offsets[experts[i]], M = act_row[i + 1] - act_row[i];
-    std::vector<const c10::BFloat16*> rows(M);
+    std::vector<const scalar_t*> rows(M);
     for (int64_t m = 0; m < M; ++m) rows[m] = xp + (row_to_slot[first + m] / s.K) * x.stride(0);
-    tokens.emplace_back(rows.data(), M, H, I % 16 == 0);
+    tokens.push_back(batch_rows(rows.data(), M, H, I % 16 == 0));
   }
 
   const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
@@ -94,44 +122,43 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
   };
   parallel_tasks(
       count * gate_tasks,
-      [] { return GateScratch{std::vector<float>(skinny_max_rows() * B), std::vector<float>(skinny_max_rows() * B),
-                              std::vector<float>(B)}; },
+      [&] { return GateScratch{std::vector<float>(max_rows * B), std::vector<float>(max_rows * B), std::vector<float>(B)}; },
       [&](int64_t task, GateScratch& sc) {
         const int64_t i = task / gate_tasks, e = experts[i];
         const int64_t i0 = (task % gate_tasks) * B, i1 = std::min(I, i0 + B), n = i1 - i0;
         const int64_t first = offsets[e], M = offsets[e + 1] - first;
-        const c10::BFloat16* w = wgu + e * w_gate_up.stride(0);
-        skinny_gemm_bf16(w, H, H, i0, i1, tokens[i], sc.gate.data(), B);
-        skinny_gemm_bf16(w, H, H, I + i0, I + i1, tokens[i], sc.up.data(), B);
+        const scalar_t* w = wgu + e * w_gate_up.stride(0);
+        rows_gemm(w, H, H, i0, i1, tokens[i], sc.gate.data(), B);
+        rows_gemm(w, H, H, I + i0, I + i1, tokens[i], sc.up.data(), B);
         for (int64_t m = 0; m < M; ++m) {
           glu_f32(sc.gate.data() + m * B, sc.up.data() + m * B, n, act, sc.out.data());
-          narrow_row(sc.out.data(), n, act_data + (act_row[i] + m) * I + i0);
+          store_row(sc.out.data(), n, act_data + (act_row[i] + m) * I + i0);
           if (keep_h) {
-            c10::BFloat16* h_row = h + (first + m) * 2 * I;
-            narrow_row(sc.gate.data() + m * B, n, h_row + i0);
-            narrow_row(sc.up.data() + m * B, n, h_row + I + i0);
+            scalar_t* h_row = h + (first + m) * 2 * I;
+            store_row(sc.gate.data() + m * B, n, h_row + i0);
+            store_row(sc.up.data() + m * B, n, h_row + I + i0);
           }
         }
       });
 
   // Then its activations, the batch of the down projection.
-  std::vector<SkinnyRows> activations;
+  std::vector<Rows> activations;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t M = act_row[i + 1] - act_row[i];
-    std::vector<const c10::BFloat16*> rows(M);
+    std::vector<const scalar_t*> rows(M);
     for (int64_t m = 0; m < M; ++m) rows[m] = act_data + (act_row[i] + m) * I;
-    activations.emplace_back(rows.data(), M, I, H % 16 == 0);
+    activations.push_back(batch_rows(rows.data(), M, I, H % 16 == 0));
   }
   const int64_t down_tasks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
-  auto* y = y_NH.data_ptr<c10::BFloat16>();
+  auto* y = y_NH.data_ptr<scalar_t>();
   parallel_tasks(
-      count * down_tasks, [] { return std::vector<float>(skinny_max_rows() * kDownRowsPerTask); },
+      count * down_tasks, [&] { return std::vector<float>(max_rows * kDownRowsPerTask); },
       [&](int64_t task, std::vector<float>& out) {
         const int64_t i = task / down_tasks, e = experts[i];
         const int64_t h0 = (task % down_tasks) * kDownRowsPerTask, h1 = std::min(H, h0 + kDownRowsPerTask);
         const int64_t first = offsets[e], M = offsets[e + 1] - first;
-        skinny_gemm_bf16(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), kDownRowsPerTask);
-        for (int64_t m = 0; m < M; ++m) narrow_row(out.data() + m * kDownRowsPerTask, h1 - h0, y + (first + m) * H + h0);
+        rows_gemm(wd + e * w_down.stride(0), I, I, h0, h1, activations[i], out.data(), kDownRowsPerTask);
+        for (int64_t m = 0; m < M; ++m) store_row(out.data() + m * kDownRowsPerTask, h1 - h0, y + (first + m) * H + h0);
       });
 }
 
@@ -151,12 +178,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   auto y_NH = at::empty({s.N, s.H}, x.options());
   const auto offsets = host_offsets(offsets_E1, s.E, s.N, "moe_experts");
   const int32_t* row_to_slot = row_to_slot_N.const_data_ptr<int32_t>();
-  const bool streaming = x.scalar_type() == at::kBFloat16 && skinny_gemm_available() && s.H > 0 && s.I > 0;
+  // Experts with few rows stream their weights (bf16 where a streaming kernel runs, and fp32);
+  // the rest go to ATen's GEMM.
+  const bool bf16 = x.scalar_type() == at::kBFloat16, f32 = x.scalar_type() == at::kFloat;
+  const int64_t max_rows = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
+  const bool streaming = max_rows > 0 && s.H > 0 && s.I > 0;
   std::vector<int64_t> streamed;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) continue;
-    if (streaming && M <= skinny_max_rows()) {
+    if (streaming && M <= max_rows) {
       streamed.push_back(e);
       continue;
     }
@@ -169,7 +200,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     auto y = y_NH.narrow(0, first, M);
     gemm_out(y, a, w_down[e].t());
   }
-  if (!streamed.empty()) streaming_forward(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
+  if (!streamed.empty() && bf16) {
+    streaming_forward<c10::BFloat16>(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
+  } else if (!streamed.empty()) {
+    streaming_forward<float>(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
+  }
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
   return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
 }
