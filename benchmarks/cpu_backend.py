@@ -20,9 +20,10 @@ Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k, N =
    functions in finteam_kernels.reference), both on inputs that are warm in cache, as they are
    when the previous op of the layer just wrote them: gating (fp32 logits, softmax, top-2,
    renormalise) and weighted unpermute >= 3x, dispatch plan >= 2x, permute (bf16) >= 1x.
-3. The tiny pipeline's training shape (H=128, I=256, E=3, K=2, 8 x 128 tokens, fp32), forward
-   and backward: ours >= 1.2x the better transformers path, and its fraction of ATen's fp32
-   GEMM rate on a dense GEMM of the same FLOPs.
+3. The tiny pipeline's shapes (H=128, I=256, E=3, K=2, fp32): decode, T = 1 and 8, forward,
+   ours >= 2x the better transformers path (the MoE blocks are about half of a tiny decode
+   step); training, 8 x 128 tokens, forward and backward, ours >= 1.2x the better transformers
+   path, and its fraction of ATen's fp32 GEMM rate on a dense GEMM of the same FLOPs.
 4. kt-kernel, KTransformers' CPU MoE kernels, run in their own environment (kt_peer.py; listed
    as skipped when absent), on the quick Mixtral (H=1024, I=3584, E=8, K=2) and Qwen3 (H=512,
    I=192, E=128, K=8) shapes at T = 1, 16, 256, bf16, at 1 and 2 worker threads, its weight
@@ -215,6 +216,51 @@ def kt_rows(quick: bool) -> tuple[list[dict], str | None]:
 # The tiny pipeline's training shape: its team of three experts, a batch of 8 x 128 tokens, fp32.
 TINY = {"H": 128, "I": 256, "E": 3, "K": 2, "T": 8 * 128}
 TINY_TARGET = 1.2
+TINY_DECODE_TOKENS = (1, 8)
+TINY_DECODE_TARGET = 2.0  # the MoE blocks are half of a tiny decode step: 1.3x the step needs about 2x here
+
+
+def _tiny_hf_experts(impl: str, w_gate_up: torch.Tensor, w_down: torch.Tensor):
+    """transformers' Mixtral experts of the tiny team's shape with experts_implementation `impl`,
+    holding copies of the given weights."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = MixtralConfig(hidden_size=TINY["H"], intermediate_size=TINY["I"], num_local_experts=TINY["E"],
+                           num_experts_per_tok=TINY["K"])
+    config._experts_implementation = impl
+    module = MixtralExperts(config)
+    module.gate_up_proj = torch.nn.Parameter(w_gate_up.detach().clone())
+    module.down_proj = torch.nn.Parameter(w_down.detach().clone())
+    return module
+
+
+def tiny_decode_rows(quick: bool) -> list[dict]:
+    """Microseconds per call of the expert computation on the tiny team's shape at decode sizes
+    (T = 1, and 8: the pipeline's throughput batch), fp32, forward under no_grad: there a call's
+    fixed cost decides. Ours through the public op, against transformers' eager and grouped_mm."""
+    h, i, e, k = TINY["H"], TINY["I"], TINY["E"], TINY["K"]
+    g = torch.Generator().manual_seed(0)
+    w_gate_up = torch.randn(e, 2 * i, h, generator=g) * h ** -0.5
+    w_down = torch.randn(e, h, i, generator=g) * i ** -0.5
+    modules = {impl: _tiny_hf_experts(impl, w_gate_up, w_down) for impl in ("eager", "grouped_mm")}
+    rows = []
+    for T in TINY_DECODE_TOKENS:
+        x_TH = torch.randn(T, h, generator=g)
+        ids_TK = torch.rand(T, e, generator=g).argsort(dim=1)[:, :k]
+        weights_TK = torch.rand(T, k, generator=g).softmax(dim=1)
+        providers = {"cpu": lambda: finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu")}
+        for impl, module in modules.items():
+            providers[f"hf-{impl}"] = lambda m=module: m(x_TH, ids_TK, weights_TK)
+        with torch.no_grad():
+            times = harness.interleaved(providers, quick)
+        case = f"tiny decode T={T}"
+        rows += [{"section": "tiny decode", "case": case, "provider": name, **stats.to_dict()} for name, stats in times.items()]
+        best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: times[n].median_ms)
+        ratio = times[best].median_ms / times["cpu"].median_ms
+        rows.append({"section": "tiny decode", "case": case, "provider": "cpu vs best transformers", "best_baseline": best,
+                     "speedup": ratio, "target": TINY_DECODE_TARGET, "met": ratio >= TINY_DECODE_TARGET})
+    return rows
 
 
 def tiny_training_rows(quick: bool) -> list[dict]:
@@ -235,14 +281,7 @@ def tiny_training_rows(quick: bool) -> list[dict]:
 
     providers = {"cpu": ours}
     for impl in ("eager", "grouped_mm"):
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-        config = MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k)
-        config._experts_implementation = impl
-        module = MixtralExperts(config)
-        module.gate_up_proj = torch.nn.Parameter(w_gate_up.detach().clone())
-        module.down_proj = torch.nn.Parameter(w_down.detach().clone())
+        module = _tiny_hf_experts(impl, w_gate_up, w_down)
         providers[f"hf-{impl}"] = lambda m=module: m(x_TH, ids_TK, weights_TK).backward(grad_TH)
     flops = 18 * T * k * i * h
     side = round((flops / 2) ** (1 / 3))
@@ -341,7 +380,7 @@ def main() -> None:
                       "fraction": r["fraction_of_ceiling"], "target": FRACTION_TARGETS[r["tokens"]],
                       "met": r["fraction_of_ceiling"] >= FRACTION_TARGETS[r["tokens"]]}
                      for r in rows_experts if r.get("provider") == "cpu" and "fraction_of_ceiling" in r]
-    rows = rows_experts + op_rows(quick) + tiny_training_rows(quick)
+    rows = rows_experts + op_rows(quick) + tiny_decode_rows(quick) + tiny_training_rows(quick)
     kt, kt_skipped = kt_rows(quick) if not args.no_kt else ([], "--no-kt")
     rows += kt
     after = harness.machine_load()
