@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .train import DataParallel
+from .train import DataParallel, model_loss
 
 
 def is_expert(name: str) -> bool:
@@ -184,10 +184,10 @@ class RouterLoss:
     (the model's own loss by default) plus `config.router_aux_loss_coef` times transformers'
     load-balancing loss, as `output_router_logits=True` adds it to an unconverted Mixtral."""
 
-    def __init__(self, model, loss_of=None):
+    def __init__(self, model, loss_of=model_loss):
         from finteam_kernels import FinTeamMoE
 
-        self.loss_of = loss_of or (lambda model, batch: model(**batch).loss)
+        self.loss_of = loss_of
         self.coef = model.config.router_aux_loss_coef
         self.num_experts, self.top_k = model.config.num_local_experts, model.config.num_experts_per_tok
         self.logits: list[torch.Tensor] | None = None  # a list only during a training forward

@@ -46,15 +46,16 @@ def example_loss(model, batch: dict) -> torch.Tensor:
     have an answer token, plus the team's load-balancing loss where the model returns one (as
     transformers adds it to its own loss). A token mean would let the long answers (entity
     lists, numbers) outweigh the one-word labels of the classification tasks several times."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs)
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
     target_BL = batch["labels"][:, 1:]
-    logits_BLV = out.logits[:, :-1]
-    per_token_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(), ignore_index=IGNORE,
-                                   reduction="none").view_as(target_BL)
-    answered_B = (target_BL != IGNORE).sum(1)
-    per_example_B = per_token_BL.sum(1) / answered_B.clamp_min(1)
-    loss = per_example_B.sum() / (answered_B > 0).sum().clamp_min(1)
+    answered_BL = target_BL != IGNORE
+    # Only the answer positions' logits are widened and scored: a few tokens of each example,
+    # not the whole padded batch times the vocabulary.
+    per_token_A = F.cross_entropy(out.logits[:, :-1][answered_BL].float(), target_BL[answered_BL], reduction="none")
+    example_A = answered_BL.nonzero()[:, 0]
+    answered_B = answered_BL.sum(1)
+    per_example_B = per_token_A.new_zeros(len(answered_B)).index_add(0, example_A, per_token_A)
+    loss = (per_example_B / answered_B.clamp_min(1)).sum() / (answered_B > 0).sum().clamp_min(1)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
         loss = loss + model.config.router_aux_loss_coef * aux.to(loss.device)
