@@ -136,7 +136,7 @@ class AssembleConfig:
     shared: str = setting("average", choices=("average", "base"))  # attention/norms/embeddings: average (of the experts) | base
     router_init: str = setting("hidden", choices=("hidden", "embed", "random"))
     router_scale: float = setting(4.0, gt=0)  # norm of each router row for hidden/embed init (logit sharpness)
-    router_aux_loss_coef: float = setting(0.02, ge=0)  # weight of transformers' load-balancing loss
+    router_aux_loss_coef: float = setting(0.02, ge=0)  # weight of transformers' load-balancing loss in the MiX phase
 
 
 @dataclass
@@ -162,6 +162,11 @@ class InstructConfig:
     # How transformers runs the MoE experts: "finteam" (our kernels) or a transformers name
     # such as "eager". "finteam" needs finteam_kernels.hf.
     experts_implementation: str = setting("finteam", choices=_experts_implementations)
+    # The team while it is tuned, and so as it is scored: experts per token (0 keeps
+    # assemble.top_k, the MiX phase's) and the weight of transformers' load-balancing loss.
+    # docs/pipeline.md measures top-1 without that loss after a top-2 MiX phase.
+    top_k: int = setting(0, ge=0)
+    router_aux_loss_coef: float = setting(0.02, ge=0)
 
 
 @dataclass
@@ -365,6 +370,9 @@ def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
     experts = len(ROLES) + recipe.assemble.base_expert
     if recipe.assemble.top_k > experts:
         raise RecipeError(f"recipe {where}: assemble.top_k must be in 1..{experts} (the experts); got {recipe.assemble.top_k}")
+    if recipe.instruct.top_k > experts:
+        raise RecipeError(f"recipe {where}: instruct.top_k must be in 0..{experts} (0 keeps assemble.top_k); "
+                          f"got {recipe.instruct.top_k}")
     ep = recipe.distributed.expert_parallel
     if experts % ep:
         raise RecipeError(f"recipe {where}: distributed.expert_parallel must be >= 1 and divide the team's {experts} experts "

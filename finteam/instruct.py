@@ -1,13 +1,13 @@
 """Stage `instruct`: instruction-tune a model (the team, or a baseline) on the task mixture.
 
 Loss on answers only (see batches.py), averaged per example by default (`instruct.loss`,
-`example_loss`). For the team, transformers' load-balancing loss is added
-(`output_router_logits=True`, weighted by the config's `router_aux_loss_coef`) and its experts
-run through `instruct.experts_implementation` ("finteam": our kernels). With
+`example_loss`). The team routes `instruct.top_k` experts per token (0: as assembled), adds
+transformers' load-balancing loss weighted by `instruct.router_aux_loss_coef`, and runs its
+experts through `instruct.experts_implementation` ("finteam": our kernels). With
 `distributed.expert_parallel` > 1 under torchrun, the team's experts are split over the ranks
-instead (parallel.py), with the same loss. `instruct.trainable`
-picks what learns in the team: all weights, the routers only, or routers plus attention (the
-cheap BTX variants); dense baselines have no router and always train all weights.
+instead (parallel.py), with the same loss. `instruct.trainable` picks what learns in the team:
+all weights, the routers only, or routers plus attention (the cheap BTX variants); dense
+baselines have no router and always train all weights.
 """
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def example_loss(model, batch: dict) -> torch.Tensor:
 def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, seed: int, label: str, device) -> dict:
     cfg = recipe.instruct
     model = load_model(model_dir)
+    if is_moe(model):
+        models.set_team_routing(model, cfg.top_k, cfg.router_aux_loss_coef)
     n_train = select_trainable(model, cfg.trainable)
     log(f"{label}  {n_train / 1e6:.2f}M of {models.num_params(model) / 1e6:.2f}M parameters train")
     parallel, loss_of = None, example_loss if cfg.loss == "example" else model_loss
@@ -74,7 +76,7 @@ def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, s
         loss_of = RouterLoss(model, loss_of)
     elif is_moe(model):
         models.use_experts(model, cfg.experts_implementation)
-        model.config.output_router_logits = True
+        model.config.output_router_logits = cfg.router_aux_loss_coef > 0  # the routers' logits feed that loss only
     batches = Instructions(load_tasks(data_dir, "train"), tokenizer, cfg.max_len, seed)
     meta = stamp(recipe, label, seed=seed, source=str(model_dir))
     model.to(device)

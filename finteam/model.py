@@ -57,6 +57,24 @@ def mixtral_config(base: LlamaConfig, num_experts: int, top_k: int, aux_loss_coe
     )
 
 
+def set_team_routing(model, top_k: int, aux_loss_coef: float) -> None:
+    """Route a loaded Mixtral team with `top_k` experts per token (0 keeps its own) and weigh its
+    load-balancing loss by `aux_loss_coef`, in the config (so the saved team keeps them) and in
+    every module that copied them at construction: the routers, the MoE blocks, the model's loss."""
+    config = model.config
+    k = top_k or config.num_experts_per_tok
+    if not 1 <= k <= config.num_local_experts:
+        raise ValueError(f"top_k must be in 1..{config.num_local_experts} (the team's experts); got {top_k}")
+    config.num_experts_per_tok, config.router_aux_loss_coef = k, aux_loss_coef
+    for module in model.modules():
+        if isinstance(getattr(module, "top_k", None), int):
+            module.top_k = k
+    if hasattr(model, "num_experts_per_tok"):
+        model.num_experts_per_tok = k
+    if hasattr(model, "router_aux_loss_coef"):
+        model.router_aux_loss_coef = aux_loss_coef
+
+
 def experts_available(name: str) -> str | None:
     """None when the experts implementation `name` can run here, else why not."""
     if name != "finteam":

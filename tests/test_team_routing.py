@@ -1,0 +1,70 @@
+"""The team's routing while tuned: `instruct.top_k` and `instruct.router_aux_loss_coef` applied to
+a loaded team make it exactly the Mixtral that config would build; the tuned team is saved with
+them, so it is scored and its compute counted at that top-k; a top-k beyond the team is refused."""
+import pytest
+import torch
+from transformers import AutoConfig, MixtralForCausalLM
+
+from finteam import instruct, mix, pipeline, pretrain
+from finteam import model as models
+from finteam.checkpoint import save_model
+from finteam.config import RecipeError, load_recipe
+from finteam.tokenizer import load as load_tokenizer
+from runs import new_run, prepared  # noqa: F401 (a fixture)
+
+VOCAB = 50
+
+
+def team(top_k: int, coef: float, like: MixtralForCausalLM | None = None) -> MixtralForCausalLM:
+    base = models.llama_config("smoke", VOCAB, pad_id=0, eos_id=1)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(models.mixtral_config(base, num_experts=3, top_k=top_k, aux_loss_coef=coef))
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("top_k, coef", [(1, 0.0), (3, 0.5)])
+def test_rerouted_team_is_the_team_built_with_that_routing(top_k, coef):
+    rerouted = team(2, 0.02)
+    built = team(top_k, coef, like=rerouted)
+    models.set_team_routing(rerouted, top_k, coef)
+    x = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(top_k))
+    for model in (rerouted, built):
+        model.config.output_router_logits = True
+    got, want = rerouted(input_ids=x, labels=x), built(input_ids=x, labels=x)
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(got.aux_loss, want.aux_loss) and torch.equal(got.loss, want.loss)  # weighted by coef
+    assert (rerouted.config.num_experts_per_tok, rerouted.config.router_aux_loss_coef) == (top_k, coef)
+
+
+def test_top_k_zero_keeps_the_assembled_routing():
+    model = team(2, 0.02)
+    models.set_team_routing(model, 0, 0.1)
+    assert model.config.num_experts_per_tok == 2 and model.config.router_aux_loss_coef == 0.1
+
+
+def test_top_k_beyond_the_team_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"top_k must be in 1\.\.3 .*got 4"):
+        models.set_team_routing(team(2, 0.02), 4, 0.0)
+    with pytest.raises(RecipeError, match=r"instruct\.top_k must be in 0\.\.3 .*got 4"):
+        load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.top_k=4"])
+    with pytest.raises(RecipeError, match=r"instruct\.router_aux_loss_coef must be >= 0"):
+        load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.router_aux_loss_coef=-1"])
+
+
+def test_tuned_team_is_saved_and_counted_at_its_top_k(prepared, tmp_path):  # noqa: F811
+    run = new_run(prepared, tmp_path / "run")
+    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=2", "instruct.top_k=1",
+                                   "instruct.router_aux_loss_coef=0", "instruct.experts_implementation=eager"])
+    p = pipeline.Paths(recipe.run_dir)
+    tok = load_tokenizer(p.tokenizer)
+    dense = pretrain.base_model(recipe, tok, seed=0)
+    config = models.mixtral_config(dense.config, num_experts=3, top_k=2, aux_loss_coef=0.02)
+    save_model(MixtralForCausalLM(config), p.model(0, "moe") / "model", {"stage": "test"}, tok)
+    instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
+                 torch.device("cpu"))
+    saved = AutoConfig.from_pretrained(p.tuned(0, "team") / "model")
+    assert (saved.num_experts_per_tok, saved.router_aux_loss_coef) == (1, 0.0)
+    assert mix.active_params(saved) == models.num_params(MixtralForCausalLM(saved), 1)
+    assert mix.active_params(saved) < mix.active_params(config)
