@@ -235,20 +235,34 @@ def _tiny_hf_experts(impl: str, w_gate_up: torch.Tensor, w_down: torch.Tensor):
     return module
 
 
+def _tiny_inputs(T: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """x_TH, ids_TK, weights_TK, w_gate_up, w_down of the tiny team's shape for T tokens, fp32."""
+    h, i, e, k = TINY["H"], TINY["I"], TINY["E"], TINY["K"]
+    x_TH = torch.randn(T, h, generator=g)
+    ids_TK = torch.rand(T, e, generator=g).argsort(dim=1)[:, :k]
+    weights_TK = torch.rand(T, k, generator=g).softmax(dim=1)
+    w_gate_up = torch.randn(e, 2 * i, h, generator=g) * h ** -0.5
+    w_down = torch.randn(e, h, i, generator=g) * i ** -0.5
+    return x_TH, ids_TK, weights_TK, w_gate_up, w_down
+
+
+def _versus_best_transformers(section: str, case: str, times: dict, target: float) -> dict:
+    """The row of ours against the faster of transformers' eager and grouped_mm experts."""
+    best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: times[n].median_ms)
+    ratio = times[best].median_ms / times["cpu"].median_ms
+    return {"section": section, "case": case, "provider": "cpu vs best transformers", "best_baseline": best,
+            "speedup": ratio, "target": target, "met": ratio >= target}
+
+
 def tiny_decode_rows(quick: bool) -> list[dict]:
     """Microseconds per call of the expert computation on the tiny team's shape at decode sizes
     (T = 1, and 8: the pipeline's throughput batch), fp32, forward under no_grad: there a call's
     fixed cost decides. Ours through the public op, against transformers' eager and grouped_mm."""
-    h, i, e, k = TINY["H"], TINY["I"], TINY["E"], TINY["K"]
     g = torch.Generator().manual_seed(0)
-    w_gate_up = torch.randn(e, 2 * i, h, generator=g) * h ** -0.5
-    w_down = torch.randn(e, h, i, generator=g) * i ** -0.5
-    modules = {impl: _tiny_hf_experts(impl, w_gate_up, w_down) for impl in ("eager", "grouped_mm")}
     rows = []
     for T in TINY_DECODE_TOKENS:
-        x_TH = torch.randn(T, h, generator=g)
-        ids_TK = torch.rand(T, e, generator=g).argsort(dim=1)[:, :k]
-        weights_TK = torch.rand(T, k, generator=g).softmax(dim=1)
+        x_TH, ids_TK, weights_TK, w_gate_up, w_down = _tiny_inputs(T, g)
+        modules = {impl: _tiny_hf_experts(impl, w_gate_up, w_down) for impl in ("eager", "grouped_mm")}
         providers = {"cpu": lambda: finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu")}
         for impl, module in modules.items():
             providers[f"hf-{impl}"] = lambda m=module: m(x_TH, ids_TK, weights_TK)
@@ -256,10 +270,7 @@ def tiny_decode_rows(quick: bool) -> list[dict]:
             times = harness.interleaved(providers, quick)
         case = f"tiny decode T={T}"
         rows += [{"section": "tiny decode", "case": case, "provider": name, **stats.to_dict()} for name, stats in times.items()]
-        best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: times[n].median_ms)
-        ratio = times[best].median_ms / times["cpu"].median_ms
-        rows.append({"section": "tiny decode", "case": case, "provider": "cpu vs best transformers", "best_baseline": best,
-                     "speedup": ratio, "target": TINY_DECODE_TARGET, "met": ratio >= TINY_DECODE_TARGET})
+        rows.append(_versus_best_transformers("tiny decode", case, times, TINY_DECODE_TARGET))
     return rows
 
 
@@ -267,13 +278,11 @@ def tiny_training_rows(quick: bool) -> list[dict]:
     """Forward+backward of the expert computation on the tiny team's training shape in fp32,
     ours against transformers' eager and grouped_mm experts, and as a fraction of ATen's fp32
     GEMM rate on a dense GEMM of the same FLOPs (forward 6*N*I*H, backward 12*N*I*H)."""
-    h, i, e, k, T = TINY["H"], TINY["I"], TINY["E"], TINY["K"], TINY["T"]
+    h, i, k, T = TINY["H"], TINY["I"], TINY["K"], TINY["T"]
     g = torch.Generator().manual_seed(0)
-    x_TH = torch.randn(T, h, generator=g).requires_grad_()
-    ids_TK = torch.rand(T, e, generator=g).argsort(dim=1)[:, :k]
-    weights_TK = torch.rand(T, k, generator=g).softmax(dim=1).requires_grad_()
-    w_gate_up = (torch.randn(e, 2 * i, h, generator=g) * h ** -0.5).requires_grad_()
-    w_down = (torch.randn(e, h, i, generator=g) * i ** -0.5).requires_grad_()
+    x_TH, ids_TK, weights_TK, w_gate_up, w_down = _tiny_inputs(T, g)
+    for t in (x_TH, weights_TK, w_gate_up, w_down):
+        t.requires_grad_()
     grad_TH = torch.randn(T, h, generator=g)
 
     def ours():
@@ -293,10 +302,7 @@ def tiny_training_rows(quick: bool) -> list[dict]:
         achieved = harness.tflops(flops, stats.median_ms)
         rows.append({"section": "tiny training", "case": case, "provider": name, **stats.to_dict(), "rate": achieved,
                      "unit": "TFLOP/s", "ceiling": rate, "fraction_of_ceiling": achieved / rate})
-    best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: times[n].median_ms)
-    ratio = times[best].median_ms / times["cpu"].median_ms
-    rows.append({"section": "tiny training", "case": case, "provider": "cpu vs best transformers", "best_baseline": best,
-                 "speedup": ratio, "target": TINY_TARGET, "met": ratio >= TINY_TARGET})
+    rows.append(_versus_best_transformers("tiny training", case, times, TINY_TARGET))
     return rows
 
 

@@ -204,6 +204,8 @@ class RouterLoss:
     def __call__(self, model, batch: dict) -> torch.Tensor:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+        if not self.coef:  # as an unconverted Mixtral with output_router_logits off (instruct.py)
+            return self.loss_of(model, batch)
         self.logits = []
         try:
             loss = self.loss_of(model, batch)

@@ -181,13 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   // Experts with few rows stream their weights (bf16 where a streaming kernel runs, and fp32);
   // the rest go to ATen's GEMM.
   const bool bf16 = x.scalar_type() == at::kBFloat16, f32 = x.scalar_type() == at::kFloat;
-  const int64_t max_rows = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
-  const bool streaming = max_rows > 0 && s.H > 0 && s.I > 0;
+  const int64_t row_limit = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
+  const bool streaming = row_limit > 0 && s.H > 0 && s.I > 0;
   std::vector<int64_t> streamed;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) continue;
-    if (streaming && M <= max_rows) {
+    if (streaming && M <= row_limit) {
       streamed.push_back(e);
       continue;
     }
