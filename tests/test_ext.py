@@ -222,6 +222,31 @@ def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
         assert "fma" in ran
 
 
+def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
+    # Each output of the weight-streaming kernels is one sum in a fixed order, whether the
+    # expert's batch goes row by row, in tiles of weight rows or as leftovers: a token decodes to
+    # the same bits alone as among up to 32 others (beyond, an expert may go to ATen's GEMM).
+    # Odd widths: tails of a vector in both projections, leftover rows after whole tiles.
+    kernel = cpu_ext.cpu_capability().rpartition("streaming: ")[2]
+    if kernel.startswith("none"):
+        pytest.skip("this CPU has no bf16 weight-streaming kernel")
+    g = torch.Generator().manual_seed(0)
+    H, I, E = 112, 72, 3
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g).to(torch.bfloat16) / 8
+    w_down = torch.randn(E, H, I, generator=g).to(torch.bfloat16) / 7
+    x_1H = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    weights_1K = torch.tensor([[0.7, 0.3]])
+
+    def decode(T):
+        ids_TK = torch.tensor([[2, 0]]).expand(T, 2)
+        return cpu_ext.moe_experts_fwd(x_1H.expand(T, H).contiguous(), ids_TK, weights_1K.expand(T, 2), w_gate_up,
+                                       w_down, "silu", False)[0]
+
+    alone = decode(1)
+    for T in (2, 3, 4, 5, 7, 8, 13, 32):
+        assert torch.equal(decode(T), alone.expand(T, H)), f"{kernel}: a token's output changed in a batch of {T}"
+
+
 @pytest.mark.parametrize("case, cause", [
     ("recorded", "no C++ compiler found"),  # the build recorded why it could not compile
     ("absent", "was not built"),  # no library and no record (e.g. installed without the build step)
