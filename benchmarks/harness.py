@@ -23,7 +23,11 @@ Ceilings (measured in the same run, so fractions hold on any machine):
   copy    a large device-to-device copy; bytes read plus bytes written
   gemv    a bf16 matrix-vector product over a weight much larger than the last-level cache:
           the weight-streaming rate that small-batch MoE inference lives on
-  mem     the faster of the two: the bandwidth roof of memory-bound rows
+  read    a plain read of such a buffer (an integer max over it): what the cores can read,
+          which is what streaming weights does. On a CPU a few cores' reads alone may not
+          reach a copy's rate: reads and streaming writes together keep more lines in flight
+          (2-core AMD EPYC with AVX512-BF16: read 35 GB/s, copy 50)
+  mem     the fastest of the three: the bandwidth roof of memory-bound rows
   matmul  a large dense bf16 GEMM: the compute roof of GEMM rows
 """
 from __future__ import annotations
@@ -68,11 +72,12 @@ class Stats:
         return dataclasses.asdict(self)
 
 
-def cycle(fns: Sequence[Callable[[], object]]) -> Callable[[], object]:
-    """One function that calls `fns` in turn: the way to rotate input copies through `measure`."""
+def cycle(fns: Sequence[Callable[[], object]], start: int = 0) -> Callable[[], object]:
+    """One function that calls `fns` in turn, from fns[start]: the way to rotate input copies
+    through `measure`."""
     if len(fns) == 1:
         return fns[0]
-    turn = itertools.cycle(fns)
+    turn = itertools.cycle(list(fns[start:]) + list(fns[:start]))
     return lambda: next(turn)()
 
 
@@ -306,6 +311,16 @@ def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 
     return max(1, min(cap, math.ceil(2 * cache_bytes(device) / nbytes_per_set)))
 
 
+def interleaved_copies(nbytes_per_call: int, providers: int, device: torch.device | str) -> tuple[int, int]:
+    """(copies, stride) for `providers` timed by `interleaved` on shared input copies, provider p
+    rotating from copy p * stride (see `cycle`): two reads of one copy are then at least `stride`
+    rounds apart, with twice the last-level cache of other copies read between them. (Rotating
+    from the same copy, every provider but the first in a round reads what the first just
+    brought into the cache.)"""
+    stride = rotation_copies(nbytes_per_call, device)
+    return stride * providers, stride
+
+
 def random_tensor(shape: tuple[int, ...], device, dtype=torch.bfloat16, scale: float = 1.0) -> torch.Tensor:
     """Normal values times `scale` (never zeros: they hide unwritten outputs, and some units
     run faster on them). Large tensors repeat one random block of 4M values, which costs a
@@ -346,21 +361,25 @@ def ceilings(device: torch.device | str, quick: bool = True, stream_bytes: int |
     v = random_tensor((cols,), device, torch.bfloat16)
     gemv = measure(lambda: w @ v, device, quick=quick, memory=False)
     gemv_bytes = w.numel() * w.element_size()
-    del w, v
+    bits = w.view(torch.int16)  # an integer reduction: no float rules to slow it down
+    read = measure(lambda: bits.max(), device, quick=quick, memory=False)
+    del w, v, bits
 
     size = 8192 if gpu else (2048 if quick else 4096)
     result = {
         "copy_gbs": gbs(2 * big, copy.median_ms),
         "gemv_gbs": gbs(gemv_bytes, gemv.median_ms),
+        "read_gbs": gbs(gemv_bytes, read.median_ms),
         "matmul_tflops": matmul_rate(size, size, size, device, dtype, quick=quick),
         "how": {
             "copy": f"copy of {big / 2**20:.0f} MiB bf16 (bytes read + written)",
             "gemv": f"bf16 [{gemv_bytes // 2 // cols}, {cols}] @ [{cols}] ({gemv_bytes / 2**20:.0f} MiB weight)",
+            "read": f"int16 max over the same {gemv_bytes / 2**20:.0f} MiB",
             "matmul": f"{str(dtype).removeprefix('torch.')} {size}x{size}x{size} GEMM",
             "cache_bytes": cache_bytes(device),
         },
     }
-    result["mem_gbs"] = max(result["copy_gbs"], result["gemv_gbs"])
+    result["mem_gbs"] = max(result["copy_gbs"], result["gemv_gbs"], result["read_gbs"])
     return result
 
 

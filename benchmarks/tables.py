@@ -9,7 +9,7 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 def table(rows: list[dict], roof: dict) -> str:
     lines = [
         f"ceilings measured in this run: memory {roof['mem_gbs']:.1f} GB/s (copy {roof['copy_gbs']:.1f}, "
-        f"gemv {roof['gemv_gbs']:.1f}), matmul {roof['matmul_tflops']:.2f} TFLOP/s"
+        f"gemv {roof['gemv_gbs']:.1f}, read {roof['read_gbs']:.1f}), matmul {roof['matmul_tflops']:.2f} TFLOP/s"
     ]
     head = (f"{'shape':18s} {'routing':7s} {'T':>6s} {'provider':16s} {'median ms':>10s} {'p20-p80 ms':>19s} "
             f"{'GB/s':>7s} {'TFLOP/s':>7s} {'roof':>8s} {'x ref':>6s} {'x peer':>6s} {'peak MB':>8s}")
