@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <atomic>
+#include <memory>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -61,15 +62,31 @@ inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {
   return std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
 }
 
-// Runs body(task) for every task in [0, n) on the intra-op threads, each thread taking the next
-// task as it finishes one (`setup()` makes its scratch first): on a shared machine a thread that
-// is descheduled delays one task, not a fixed half of them.
+// Runs body(task) for every task in [0, n) on the intra-op threads (`setup()` makes each
+// thread's scratch first). Thread t owns an equal run of consecutive tasks and takes them in
+// order, so that its next task's weight rows follow the ones it is reading (and prefetching):
+// tasks dealt to the threads in turn made every task start cold, and the bf16 experts at T = 1
+// to 16 took 2-11% longer (2-core AMD EPYC, interleaved A/B). A thread done with its own run takes the
+// rest of the others' one task at a time: on a shared machine a thread that is descheduled
+// delays a task or two, not a fixed share of them.
 template <typename Setup, typename Body>
 void parallel_tasks(int64_t n, const Setup& setup, const Body& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  struct alignas(64) Run {  // a cache line each: the threads' counters do not share one
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::unique_ptr<Run[]> runs(new Run[threads]);
+  for (int64_t t = 0; t < threads; ++t) {
+    runs[t].next = t * n / threads;
+    runs[t].end = (t + 1) * n / threads;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
     auto scratch = setup();
-    for (int64_t task = next++; task < n; task = next++) body(task, scratch);
+    for (int64_t k = 0; k < threads; ++k) {
+      Run& run = runs[(first + k) % threads];
+      for (int64_t task = run.next++; task < run.end; task = run.next++) body(task, scratch);
+    }
   });
 }
 
