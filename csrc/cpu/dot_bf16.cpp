@@ -263,7 +263,10 @@ const char* streaming_kernel() { return ""; }
 
 #endif
 
-int64_t skinny_max_rows() { return std::string(streaming_kernel()) == "amx" ? 1024 : 32; }
+int64_t skinny_max_rows() {
+  const std::string kernel = streaming_kernel();
+  return kernel == "amx" ? 1024 : kernel == "vdpbf16ps" ? 96 : 32;
+}
 
 SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles)
     : M_(M), stride_((D + 31) / 32 * 32), rows_(rows, rows + M) {

@@ -5,7 +5,7 @@
 //
 // Forward. The plan groups rows by expert (a counting sort). Then each expert is one of two
 // kinds, by its row count:
-//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, or 1024 with AMX)
+//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, 96 with AVX512-BF16, 1024 with AMX)
 //     or kSmallRowsF32 (fp32, any CPU): the weight-streaming kernels of dot_bf16.h or dot_f32.h
 //     read every weight byte once per call. Pass 1
 //     splits the gate/up rows of all such experts between the threads; each task computes a
