@@ -96,6 +96,25 @@ def test_measure_orders_percentiles_and_counts_memory():
         assert stats.peak_bytes >= 256 * 256 * 4
 
 
+def test_interleaved_providers_never_read_a_copy_another_just_read(monkeypatch):
+    # Providers timed in rounds on shared input copies: between two reads of one copy, at least
+    # twice the cache of other copies is read, whichever providers read them.
+    monkeypatch.setattr(harness, "cache_bytes", lambda device: 32 << 20)
+    nbytes, providers = 44 << 20, 4
+    copies, stride = harness.interleaved_copies(nbytes, providers, "cpu")
+    reads = []  # copy indices in the order interleaved() calls them, its order rotating by round
+    turns = [harness.cycle([lambda c=c, p=p: reads.append(c) for c in range(copies)], start=p * stride)
+             for p in range(providers)]
+    for round_ in range(3 * copies):
+        for p in list(range(providers))[round_ % providers:] + list(range(providers))[:round_ % providers]:
+            turns[p]()
+    last = {}
+    for i, c in enumerate(reads):
+        if c in last:
+            assert (i - last[c] - 1) * nbytes >= 2 * (32 << 20), f"copy {c} read again after {i - last[c] - 1} others"
+        last[c] = i
+
+
 @pytest.mark.parametrize("routing", shapes.ROUTINGS)
 def test_routings_have_their_shape(routing):
     s = shapes.QUICK_SHAPES["olmoe-1b-7b"]
