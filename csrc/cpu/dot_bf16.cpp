@@ -40,8 +40,10 @@ bool has_amx_bf16() {
 
 // Prefetches of a tile step at column d of its R rows: the next tile's rows into L2, and the
 // tile's own rows a few lines ahead into L1. Prefetching the next tile straight into L1 left the
-// loads waiting: 26 GB/s at T=1 on a 2-core AMD EPYC (Zen 4) at a time its cores read 35 GB/s;
-// these two hints gave 30-32 there (and 29-35 against 23 for the AVX2 kernel on the same CPU).
+// loads waiting. Measured on a 2-core AMD EPYC (Zen 4), the Mixtral-shaped experts timed
+// interleaved with the previous scheme and a plain read of the same bytes (29-33 GB/s then):
+// vdpbf16ps 4% faster at 1 row per expert, 30-38% at 4-8 rows, 25% at 16; the AVX2 kernel
+// 30-42% and the fma one 25-38% (86-94% of the read at 1 row, from 65-75%).
 template <int R, typename T>
 inline __attribute__((always_inline)) void prefetch_tile(const T* w, int64_t ldw, int64_t d) {
   constexpr int64_t kAhead = 256 / sizeof(T);  // 4 cache lines
@@ -66,11 +68,10 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
   static constexpr int kMaxBatch = 4;
-  // Up to 3 batch rows, one weight row at a time reads memory in order, which the hardware
-  // prefetcher follows best: on the 2-core AMD EPYC (Zen 4) 37-40 GB/s against 31-32 for 4-row
-  // tiles (a plain read: 60). With one accumulator per batch row, that many chains of dependent
-  // vdpbf16ps keep up; from 4 rows on the tile's reuse of each weight load wins.
-  static constexpr int kRowByRowBatch = 3;
+  // A single batch row reads one weight row at a time, in memory order: 1-3% faster than 4-row
+  // tiles on the 2-core AMD EPYC (interleaved A/B), the same at 2-3 rows, slower from 4 on (there
+  // the tile's reuse of each weight load wins over one chain of dependent vdpbf16ps per row).
+  static constexpr int kRowByRowBatch = 1;
 
   template <int R, int MB>
   FINTEAM_AVX512_BF16 static inline __attribute__((always_inline)) void step(
