@@ -41,8 +41,8 @@
 namespace finteam::cpu {
 namespace {
 
-constexpr int64_t kGateRowsPerTask = 64;
-constexpr int64_t kDownRowsPerTask = 128;
+constexpr int64_t kGateRowsPerTask = 32;
+constexpr int64_t kDownRowsPerTask = 64;
 
 struct Shapes {
   int64_t T, H, I, E, K, N;
