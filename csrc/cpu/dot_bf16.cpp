@@ -265,8 +265,11 @@ const char* streaming_kernel() { return ""; }
 #endif
 
 int64_t skinny_max_rows() {
-  const std::string kernel = streaming_kernel();
-  return kernel == "amx" ? 1024 : kernel == "vdpbf16ps" ? 96 : 32;
+  static const int64_t rows = [] {  // the kernel is chosen once, so is its limit
+    const std::string kernel = streaming_kernel();
+    return kernel == "amx" ? 1024 : kernel == "vdpbf16ps" ? 96 : 32;
+  }();
+  return rows;
 }
 
 SkinnyRows::SkinnyRows(const c10::BFloat16* const* rows, int64_t M, int64_t D, bool whole_tiles)
