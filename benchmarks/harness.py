@@ -24,9 +24,7 @@ Ceilings (measured in the same run, so fractions hold on any machine):
   gemv    a bf16 matrix-vector product over a weight much larger than the last-level cache:
           the weight-streaming rate that small-batch MoE inference lives on
   read    a plain read of such a buffer (an integer max over it): what the cores can read,
-          which is what streaming weights does. On a CPU a few cores' reads alone may not
-          reach a copy's rate: reads and streaming writes together keep more lines in flight
-          (2-core AMD EPYC with AVX512-BF16: read 35 GB/s, copy 50)
+          which is what streaming weights does (a copy's rate counts written bytes too)
   mem     the fastest of the three: the bandwidth roof of memory-bound rows
   matmul  a large dense bf16 GEMM: the compute roof of GEMM rows
 """
