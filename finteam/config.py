@@ -167,6 +167,19 @@ class InstructConfig:
     # docs/pipeline.md measures top-1 without that loss after a top-2 MiX phase.
     top_k: int = setting(0, ge=0)
     router_aux_loss_coef: float = setting(0.02, ge=0)
+    # The team's peak tuning rate; 0 tunes it at train.lr, as every other model. The team has
+    # three times a dense model's FFN parameters; docs/pipeline.md measures other rates.
+    team_lr: float = setting(0.0, ge=0)
+
+    TEAM_ONLY = ("top_k", "router_aux_loss_coef", "team_lr")
+
+    @classmethod
+    def needs(cls, team: bool) -> tuple[str, ...]:
+        """The fields a model's tuning reads: the team reads them all, a dense model not those
+        above, so that changing one retunes the team only."""
+        if team:
+            return ("instruct",)
+        return tuple(f"instruct.{f.name}" for f in dataclasses.fields(cls) if f.name not in cls.TEAM_ONLY)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Loss on answers only (see batches.py), averaged per example by default (`instruct.loss`,
 `example_loss`). The team routes `instruct.top_k` experts per token (0: as assembled), adds
 transformers' load-balancing loss weighted by `instruct.router_aux_loss_coef`, and runs its
-experts through `instruct.experts_implementation` ("finteam": our kernels). With
+experts through `instruct.experts_implementation` ("finteam": our kernels), at the peak rate
+`instruct.team_lr` when it is set (else `instruct.train.lr`, as every model). With
 `distributed.expert_parallel` > 1 under torchrun, the team's experts are split over the ranks
 instead (parallel.py), with the same loss. `instruct.trainable` picks what learns in the team:
 all weights, the routers only, or routers plus attention (the cheap BTX variants); dense
@@ -11,6 +12,7 @@ baselines have no router and always train all weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -80,7 +82,8 @@ def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, s
     batches = Instructions(load_tasks(data_dir, "train"), tokenizer, cfg.max_len, seed)
     meta = stamp(recipe, label, seed=seed, source=str(model_dir))
     model.to(device)
-    trained = fit(model, batches, cfg.train, out, meta, label, device, recipe.precision,
+    train = dataclasses.replace(cfg.train, lr=cfg.team_lr) if is_moe(model) and cfg.team_lr > 0 else cfg.train
+    trained = fit(model, batches, train, out, meta, label, device, recipe.precision,
                   recipe.model.gradient_checkpointing, parallel, loss_of)
     weights = (parallel or DataParallel()).weights(model)
     if rank_and_size()[0] == 0:

@@ -40,7 +40,7 @@ from . import assemble, data, evaluate, instruct, metrics, mix, pretrain, report
 from . import model as models
 from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
-from .config import ROLES, Recipe, settings_of
+from .config import ROLES, InstructConfig, Recipe, settings_of
 from .progress import duration, log
 from .train import rank_and_size
 
@@ -273,7 +273,7 @@ def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
         out = p.tuned(k, name)
         stage(f"instruct {name}", out, recipe, force,
               lambda: instruct.run(recipe, source_of(recipe, p, k, name), p.data, tok, out, seed, f"instruct {name}", dev),
-              needs=("seed", "precision", "instruct"), inputs=(p.data, p.tokenizer, source_of(recipe, p, k, name).parent))
+              needs=("seed", "precision", *InstructConfig.needs(team=name == "team")), inputs=(p.data, p.tokenizer, source_of(recipe, p, k, name).parent))
 
 
 def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:

@@ -1,6 +1,7 @@
 """The team's routing while tuned: `instruct.top_k` and `instruct.router_aux_loss_coef` applied to
 a loaded team make it exactly the Mixtral that config would build; the tuned team is saved with
-them, so it is scored and its compute counted at that top-k; a top-k beyond the team is refused."""
+them, so it is scored and its compute counted at that top-k; a top-k beyond the team is refused.
+These fields and `instruct.team_lr` act on the team alone, and retune nothing else."""
 import pytest
 import torch
 from transformers import AutoConfig, MixtralForCausalLM
@@ -8,7 +9,7 @@ from transformers import AutoConfig, MixtralForCausalLM
 from finteam import instruct, mix, pipeline, pretrain
 from finteam import model as models
 from finteam.checkpoint import save_model
-from finteam.config import RecipeError, load_recipe
+from finteam.config import InstructConfig, RecipeError, load_recipe, settings_of
 from finteam.tokenizer import load as load_tokenizer
 from runs import new_run, prepared  # noqa: F401 (a fixture)
 
@@ -68,3 +69,35 @@ def test_tuned_team_is_saved_and_counted_at_its_top_k(prepared, tmp_path):  # no
     assert (saved.num_experts_per_tok, saved.router_aux_loss_coef) == (1, 0.0)
     assert mix.active_params(saved) == models.num_params(MixtralForCausalLM(saved), 1)
     assert mix.active_params(saved) < mix.active_params(config)
+
+
+def test_team_only_settings_retune_the_team_only(tmp_path):
+    """instruct.team_lr, top_k and router_aux_loss_coef are in the team's tuning fingerprint and
+    in no dense model's: changing one leaves the finished baselines valid."""
+    before = load_recipe("smoke", [f"out_dir={tmp_path}"])
+    after = load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=0.0005", "instruct.top_k=1"])
+    team_needs, dense_needs = InstructConfig.needs(team=True), InstructConfig.needs(team=False)
+    assert settings_of(before, team_needs) != settings_of(after, team_needs)
+    assert settings_of(before, dense_needs) == settings_of(after, dense_needs)
+    assert "instruct.train.lr" in settings_of(before, dense_needs)  # the shared fields stay in
+    with pytest.raises(RecipeError, match=r"instruct\.team_lr must be >= 0"):
+        load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=-1"])
+
+
+@pytest.mark.parametrize("team_lr, moe, want", [(0.0005, True, 0.0005), (0.0, True, None), (0.0005, False, None)])
+def test_team_lr_sets_the_rate_of_the_team_alone(prepared, tmp_path, monkeypatch, team_lr, moe, want):  # noqa: F811
+    run = new_run(prepared, tmp_path / "run")
+    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=1", f"instruct.team_lr={team_lr}",
+                                   "instruct.experts_implementation=eager"])
+    p = pipeline.Paths(recipe.run_dir)
+    tok = load_tokenizer(p.tokenizer)
+    dense = pretrain.base_model(recipe, tok, seed=0)
+    model = MixtralForCausalLM(models.mixtral_config(dense.config, num_experts=3, top_k=2, aux_loss_coef=0.02)) \
+        if moe else dense
+    save_model(model, p.model(0, "moe") / "model", {"stage": "test"}, tok)
+    rates = []
+    real_fit = instruct.fit
+    monkeypatch.setattr(instruct, "fit", lambda model, batches, cfg, *a: rates.append(cfg.lr) or real_fit(model, batches, cfg, *a))
+    instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
+                 torch.device("cpu"))
+    assert rates == [want if want is not None else recipe.instruct.train.lr]
