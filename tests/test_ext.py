@@ -247,6 +247,20 @@ def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
         assert torch.equal(decode(T), alone.expand(T, H)), f"{kernel}: a token's output changed in a batch of {T}"
 
 
+@pytest.mark.parametrize("dtype, H", [(torch.bfloat16, 1024), (torch.float32, 520), (torch.float32, 1027)])
+def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
+    # From 16 MB of output on, permute writes past the caches (permute.cpp): 16-byte stores
+    # where each row starts 16-byte aligned (bf16 1024 and fp32 520 columns), plain copies where
+    # it does not (fp32 1027). Rows scattered over the whole input, every token twice.
+    T, K = 4096, 2
+    g = torch.Generator().manual_seed(H)
+    x_TH = torch.randn(T, H, generator=g).to(dtype)
+    row_to_slot_N = torch.randperm(T * K, generator=g).to(torch.int32)
+    x_NH = cpu_ext.permute_fwd(x_TH, row_to_slot_N, K)
+    assert x_NH.numel() * x_NH.element_size() >= 16 << 20
+    assert torch.equal(x_NH, x_TH[row_to_slot_N.long() // K])
+
+
 @pytest.mark.parametrize("case, cause", [
     ("recorded", "no C++ compiler found"),  # the build recorded why it could not compile
     ("absent", "was not built"),  # no library and no record (e.g. installed without the build step)

@@ -17,9 +17,11 @@ std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E
 // dst[i] = src[i] rounded to bf16 (nearest even), for i < n.
 void narrow_row(const float* src, int64_t n, c10::BFloat16* dst);
 
-// x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`.
+// x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`. With
+// `streaming_stores`, `out` is written past the caches (x86): for an output that is not read
+// again soon and is too large to stay cached anyway (see permute.cpp).
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
-                 at::Tensor& out);
+                 at::Tensor& out, bool streaming_stores = false);
 
 // out_TH[t] = sum_j w[t, j] * y_NH[slot_to_row[t*K + j]], accumulated in fp32 (fp64 for fp64)
 // in slot order; weights_TK undefined means all ones (permute's backward).
