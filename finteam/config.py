@@ -152,7 +152,7 @@ class MixConfig:
 @dataclass
 class InstructConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainable: str = setting("all", choices=("all", "router", "router+attention"))
+    trainable: str = setting("all", choices=("all", "router", "router+attention", "all-but-router"))  # the team's
     max_len: int = setting(192, ge=16)  # longest prompt+answer kept (longer prompts are cut from the left)
     # How answer tokens are averaged into the loss: "example" (each example's answer tokens
     # averaged, then the examples: a one-word label weighs as much as a 12-token entity list)
@@ -171,7 +171,7 @@ class InstructConfig:
     # three times a dense model's FFN parameters; docs/pipeline.md measures other rates.
     team_lr: float = setting(0.0, ge=0)
 
-    TEAM_ONLY = ("top_k", "router_aux_loss_coef", "team_lr")
+    TEAM_ONLY = ("trainable", "top_k", "router_aux_loss_coef", "team_lr")
 
     @classmethod
     def needs(cls, team: bool) -> tuple[str, ...]:

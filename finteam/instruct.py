@@ -7,7 +7,8 @@ experts through `instruct.experts_implementation` ("finteam": our kernels), at t
 `instruct.team_lr` when it is set (else `instruct.train.lr`, as every model). With
 `distributed.expert_parallel` > 1 under torchrun, the team's experts are split over the ranks
 instead (parallel.py), with the same loss. `instruct.trainable` picks what learns in the team:
-all weights, the routers only, or routers plus attention (the cheap BTX variants); dense
+all weights, the routers only, or routers plus attention (the cheap BTX variants), or all
+but the routers (the routing of the MiX phase kept); dense
 baselines have no router and always train all weights.
 """
 from __future__ import annotations
@@ -28,7 +29,12 @@ from .progress import log
 from .expert_parallel import ExpertParallel, RouterLoss
 from .train import DataParallel, fit, model_loss, rank_and_size
 
-TRAINABLE = {"router": (".mlp.gate.",), "router+attention": (".mlp.gate.", ".self_attn.")}
+ROUTER = ".mlp.gate."
+TRAINABLE = {  # which of the team's parameters learn, by name
+    "router": lambda name: ROUTER in name,
+    "router+attention": lambda name: ROUTER in name or ".self_attn." in name,
+    "all-but-router": lambda name: ROUTER not in name,  # the routing the MiX phase learned, kept
+}
 
 
 def is_moe(model) -> bool:
@@ -39,7 +45,7 @@ def select_trainable(model, trainable: str) -> int:
     """Freeze what `trainable` leaves out; returns the number of trainable parameters."""
     if trainable != "all" and is_moe(model):
         for name, p in model.named_parameters():
-            p.requires_grad_(any(part in name for part in TRAINABLE[trainable]))
+            p.requires_grad_(TRAINABLE[trainable](name))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -1,7 +1,8 @@
 """The team's routing while tuned: `instruct.top_k` and `instruct.router_aux_loss_coef` applied to
 a loaded team make it exactly the Mixtral that config would build; the tuned team is saved with
 them, so it is scored and its compute counted at that top-k; a top-k beyond the team is refused.
-These fields and `instruct.team_lr` act on the team alone, and retune nothing else."""
+These fields, `instruct.team_lr` and `instruct.trainable` act on the team alone, and retune
+nothing else; `trainable` freezes exactly the parameters it names."""
 import pytest
 import torch
 from transformers import AutoConfig, MixtralForCausalLM
@@ -75,7 +76,8 @@ def test_team_only_settings_retune_the_team_only(tmp_path):
     """instruct.team_lr, top_k and router_aux_loss_coef are in the team's tuning fingerprint and
     in no dense model's: changing one leaves the finished baselines valid."""
     before = load_recipe("smoke", [f"out_dir={tmp_path}"])
-    after = load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=0.0005", "instruct.top_k=1"])
+    after = load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=0.0005", "instruct.top_k=1",
+                                  "instruct.trainable=all-but-router"])
     team_needs, dense_needs = InstructConfig.needs(team=True), InstructConfig.needs(team=False)
     assert settings_of(before, team_needs) != settings_of(after, team_needs)
     assert settings_of(before, dense_needs) == settings_of(after, dense_needs)
@@ -101,3 +103,18 @@ def test_team_lr_sets_the_rate_of_the_team_alone(prepared, tmp_path, monkeypatch
     instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
                  torch.device("cpu"))
     assert rates == [want if want is not None else recipe.instruct.train.lr]
+
+
+@pytest.mark.parametrize("trainable", ["all", "router", "router+attention", "all-but-router"])
+def test_trainable_freezes_what_it_leaves_out(trainable):
+    model = team(2, 0.02)
+    n = instruct.select_trainable(model, trainable)
+    learning = {name for name, p in model.named_parameters() if p.requires_grad}
+    routers = {name for name, _ in model.named_parameters() if name.endswith(".mlp.gate.weight")}
+    attention = {name for name, _ in model.named_parameters() if ".self_attn." in name}
+    everything = {name for name, _ in model.named_parameters()}
+    assert len(routers) == model.config.num_hidden_layers and attention
+    want = {"all": everything, "router": routers, "router+attention": routers | attention,
+            "all-but-router": everything - routers}[trainable]
+    assert learning == want
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
