@@ -15,7 +15,9 @@ and TFLOP/s from the byte and FLOP counts below, the fraction of the roof (the l
 bytes / measured bandwidth and FLOPs / measured matmul rate, over the time), the speed-up over
 the reference and over the fastest peer in the same cell, and the peak memory of one call.
 Inputs rotate through enough copies to span twice the last-level cache (within a memory
-budget); a roof fraction above 100% says the data stayed in cache all the same.
+budget); a roof fraction above 100% says the data stayed in cache all the same. On a CPU the
+providers of a cell are timed in alternating rounds, each from its own copy (runner.py
+run_cell_interleaved): a CPU's bandwidth drifts within seconds. On a GPU each is timed alone.
 Writes <out>/moe_dispatch.json (environment, ceilings, rows, skipped providers, targets),
 moe_dispatch.txt (the table) and moe_dispatch.png (time against tokens).
 """

@@ -21,23 +21,25 @@ WEIGHT_OPS = ("grouped_gemm", "moe_experts", "layer")
 NO_BACKWARD = {"dispatch": "the plan is integer metadata: no gradient"}
 
 
-def timed_function(calls: list[providers.Call], mode: str):
-    """The function `measure` times for `mode`, rotating over one Call per input copy."""
+def timed_function(calls: list[providers.Call], mode: str, start: int = 0):
+    """The function `measure` times for `mode`, rotating over one Call per input copy from
+    calls[start]."""
+    start %= len(calls)
     if mode == "forward":
         def forward(call: providers.Call):
             with torch.no_grad():
                 return call.fn()
 
-        return harness.cycle([lambda c=c: forward(c) for c in calls])
+        return harness.cycle([lambda c=c: forward(c) for c in calls], start)
     if mode == "forward+backward":
         with torch.no_grad():  # the copies are clones: one output tells every gradient's shape
             grad = _grad_like(calls[0].fn())
-        return harness.cycle([lambda c=c: torch.autograd.grad(c.fn(), c.grad_inputs, grad) for c in calls])
+        return harness.cycle([lambda c=c: torch.autograd.grad(c.fn(), c.grad_inputs, grad) for c in calls], start)
     outs = [c.fn() for c in calls]  # backward alone: one retained graph per copy
     grad = _grad_like(outs[0])
     return harness.cycle([
         lambda c=c, o=o: torch.autograd.grad(o, c.grad_inputs, grad, retain_graph=True) for c, o in zip(calls, outs)
-    ])
+    ], start)
 
 
 def _grad_like(out: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,34 @@ def run_cell(provider, op, mode, copies, device, quick, memory) -> harness.Stats
     calls = [provider.builders[op](inp, mode != "forward") for inp in copies]
     fn = timed_function(calls, mode)
     return harness.measure(fn, device, quick=quick, graph=provider.graph_safe, memory=memory)
+
+
+def run_cell_interleaved(runnable, op, mode, copies, device, quick, memory) -> tuple[dict, dict]:
+    """Every provider of a cell timed in alternating rounds (harness.interleaved): on a CPU the
+    memory bandwidth drifts by tens of percent within seconds, and providers timed one after
+    the other were measured 0.49x and then 1.06x the reference in the same cell. Provider p
+    starts at copy p * len(copies) // providers, so that no provider reads a copy another one
+    has just brought into the cache. Returns ({name: Stats}, {name: why it failed})."""
+    fns, failed = {}, {}
+    stride = max(1, len(copies) // max(1, len(runnable)))
+    for p, provider in enumerate(runnable):
+        try:
+            calls = [provider.builders[op](inp, mode != "forward") for inp in copies]
+            fn = timed_function(calls, mode, start=p * stride)
+            fn()  # fails here, alone, rather than inside the rounds
+        except Exception as err:  # noqa: BLE001 - a provider that fails is reported, never fatal
+            failed[provider.name] = _failure(err)
+            continue
+        fns[provider.name] = fn
+    stats = harness.interleaved(fns, quick) if fns else {}
+    if memory:
+        for name, fn in fns.items():
+            stats[name].peak_bytes = harness.peak_memory(fn, device)
+    return stats, failed
+
+
+def _failure(err: Exception) -> str:
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
 
 # --- the run ---
@@ -101,7 +131,7 @@ def _run_cell_all(op, mode, s, T, routing, usable, bank, itemsize, roof, plan, s
     nbytes, flops = cost(op, mode, s, T, hit, itemsize)
     copies = rotation(inp, cost(op, "forward", s, T, hit, itemsize)[0], plan.device)
     cell = {"op": op, "mode": mode, "shape": s.name, "routing": routing, "tokens": T, "experts_hit": hit}
-    rows = []
+    runnable = []
     for provider in usable:
         if provider.forward_only and mode != "forward":
             skipped.append({"op": op, "shape": s.name, "provider": provider.name, "reason": "inference only: no backward"})
@@ -110,15 +140,24 @@ def _run_cell_all(op, mode, s, T, routing, usable, bank, itemsize, roof, plan, s
         if too_slow:
             skipped.append({**cell, "provider": provider.name, "reason": too_slow})
             continue
-        try:
-            stats = run_cell(provider, op, mode, copies, plan.device, plan.quick, plan.memory)
-        except Exception as err:  # noqa: BLE001 - a provider that fails is reported, never fatal
-            reason = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-            skipped.append({**cell, "provider": provider.name, "reason": reason})
-            if plan.device.type == "cuda":
+        runnable.append(provider)
+    if plan.device.type == "cpu":
+        results, failed = run_cell_interleaved(runnable, op, mode, copies, plan.device, plan.quick, plan.memory)
+    else:  # a GPU's rate holds still: each provider alone, CUDA graphs where they are safe
+        results, failed = {}, {}
+        for provider in runnable:
+            try:
+                results[provider.name] = run_cell(provider, op, mode, copies, plan.device, plan.quick, plan.memory)
+            except Exception as err:  # noqa: BLE001 - a provider that fails is reported, never fatal
+                failed[provider.name] = _failure(err)
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
+    skipped += [{**cell, "provider": name, "reason": reason} for name, reason in failed.items()]
+    rows = []
+    for provider in runnable:
+        if provider.name not in results:
             continue
+        stats = results[provider.name]
         row = {**cell, "provider": provider.name, "kind": provider.kind, "copies": len(copies), **stats.to_dict()}
         row |= roofline(nbytes, flops, stats.median_ms, roof)
         rows.append(row)
