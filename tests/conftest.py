@@ -18,13 +18,15 @@ else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 
 # torch is imported in the hooks, after pytest_configure has checked that it is there: a bare
 # interpreter gets the install command, not an ImportError from this file.
-NOT_INSTALLED = ("the tests need torch and this package installed, as the README's test command does: "
-                 "pip install torch==2.13.0 setuptools wheel && pip install --no-build-isolation '.[test]'")
+INSTALL = "pip install torch==2.13.0 setuptools wheel && pip install --no-build-isolation '.[test]'"
+NOT_INSTALLED = f"the tests need torch and this package installed, as the README's test command does: {INSTALL}"
+OURS = ("finteam", "finteam_kernels")  # a module of ours that fails to import is a bug: its traceback stays
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +69,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collectreport(report):
+    """A test module that cannot import what it needs (the kernels installed alone, without the
+    `test` extra, have no transformers or hypothesis) fails to collect with one line naming what
+    is missing and the install command, not an import traceback. A module of ours that is
+    missing is a bug and keeps its traceback."""
+    text = str(report.longrepr) if report.failed else ""
+    if not text.startswith("ImportError while importing test module"):
+        return
+    cause = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")][-1:]
+    missing = re.search(r"No module named '(\w+)", cause[0]) if cause else None
+    if not cause or (missing and missing.group(1) in OURS):
+        return
+    report.longrepr = f"{report.nodeid}: {cause[0]}. The README's test command installs every test dependency: {INSTALL}"
