@@ -20,9 +20,9 @@
 #include <c10/util/Half.h>
 
 #include <atomic>
-#include <memory>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 
 // Helpers called from FINTEAM_SIMD kernels must be inlined into each clone to be vectorised
@@ -66,9 +66,9 @@ inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {
 // thread's scratch first). Thread t owns an equal run of consecutive tasks and takes them in
 // order, so that its next task's weight rows follow the ones it is reading (and prefetching):
 // tasks dealt to the threads in turn made every task start cold, and the bf16 experts at T = 1
-// to 16 took 2-11% longer (2-core AMD EPYC, interleaved A/B). A thread done with its own run takes the
-// rest of the others' one task at a time: on a shared machine a thread that is descheduled
-// delays a task or two, not a fixed share of them.
+// to 16 took 2-11% longer (2-core AMD EPYC, interleaved A/B). A thread done with its own run
+// takes the rest of the others' one task at a time: on a shared machine a thread that is
+// descheduled delays a task or two, not a fixed share of them.
 template <typename Setup, typename Body>
 void parallel_tasks(int64_t n, const Setup& setup, const Body& body) {
   struct alignas(64) Run {  // a cache line each: the threads' counters do not share one

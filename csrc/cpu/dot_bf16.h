@@ -24,8 +24,8 @@ inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 // Rows per expert up to which skinny_gemm_bf16 beats ATen's GEMM: 32 for the fma and avx2
 // kernels (beyond, their FMA rate binds); 96 for vdpbf16ps (on a 2-core AMD EPYC, Zen 4, with a
 // Mixtral-shaped layer timed interleaved: 13-20% faster than oneDNN at 48-64 rows, 3% at 96;
-// even at 128 and 7-13% slower from 192 in separate runs); 1024 for amx, whose tiles keep a task's block of weight rows
-// in L2 while the whole batch passes over it (measured against oneDNN's AMX GEMM on a Xeon:
+// even at 128 and 7-13% slower from 192 in separate runs); 1024 for amx, whose tiles keep a
+// task's block of weight rows in L2 while the whole batch passes over it (measured against oneDNN's AMX GEMM on a Xeon:
 // faster from 128 rows to 2048 tokens of a Mixtral-shaped layer; beyond, the packed batch
 // outgrows the caches).
 int64_t skinny_max_rows();

@@ -5,9 +5,9 @@
 //
 // Forward. The plan groups rows by expert (a counting sort). Then each expert is one of two
 // kinds, by its row count:
-//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, 96 with AVX512-BF16, 1024 with AMX)
-//     or kSmallRowsF32 (fp32, any CPU): the weight-streaming kernels of dot_bf16.h or dot_f32.h
-//     read every weight byte once per call. Pass 1
+//   - up to skinny_max_rows() rows (bf16 on an AVX2 or AVX-512 CPU; 32 rows, 96 with
+//     AVX512-BF16, 1024 with AMX) or kSmallRowsF32 (fp32, any CPU): the weight-streaming
+//     kernels of dot_bf16.h or dot_f32.h read every weight byte once per call. Pass 1
 //     splits the gate/up rows of all such experts between the threads; each task computes a
 //     block of gate rows and the matching up rows for the expert's tokens, read in place from
 //     x (no gather), and writes the activation (and h, when the backward needs it): the GLU is

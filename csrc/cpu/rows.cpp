@@ -29,16 +29,25 @@ std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E
 
 namespace {
 
-// dst[0, bytes) = src[0, bytes) with stores that bypass the caches (dst 16-byte aligned).
-void stream_copy(char* dst, const char* src, int64_t bytes) {
+// Rows [a, b) of gather_rows, row a written at y, with stores that bypass the caches: each row is
+// whole 16-byte vectors at a 16-byte aligned destination.
+void gather_streamed(const char* x, int64_t src_stride, const int32_t* row_to_slot_N, int64_t top_k, int64_t bytes,
+                     int64_t a, int64_t b, char* y, int64_t out_stride) {
+  for (int64_t r = a; r < b; ++r) {
+    // The source rows are scattered: the hardware prefetcher cannot guess the next one.
+    if (r + 4 < b) __builtin_prefetch(x + (row_to_slot_N[r + 4] / top_k) * src_stride);
+    const char* src = x + (row_to_slot_N[r] / top_k) * src_stride;
+    char* dst = y + (r - a) * out_stride;
 #if defined(__x86_64__)
-  const int64_t vec = bytes / 16 * 16;
-  for (int64_t i = 0; i < vec; i += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-  std::memcpy(dst + vec, src + vec, bytes - vec);
+    for (int64_t i = 0; i < bytes; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    }
 #else
-  std::memcpy(dst, src, bytes);
+    std::memcpy(dst, src, bytes);
+#endif
+  }
+#if defined(__x86_64__)
+  _mm_sfence();  // the streamed stores are visible before the parallel region ends
 #endif
 }
 
@@ -46,31 +55,19 @@ void stream_copy(char* dst, const char* src, int64_t bytes) {
 
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
                  at::Tensor& out, bool streaming_stores) {
-  const int64_t H = x_TH.size(1), stride = x_TH.stride(0), bytes = H * x_TH.element_size();
+  const int64_t bytes = x_TH.size(1) * x_TH.element_size(), src_stride = x_TH.stride(0) * x_TH.element_size();
   const char* x = static_cast<const char*>(x_TH.const_data_ptr());
-  char* y = static_cast<char*>(out.data_ptr());
+  char* y = static_cast<char*>(out.data_ptr());  // row r at y + (r - r0) * out_stride
   const int64_t out_stride = out.stride(0) * out.element_size();
-  const int64_t src_stride = stride * x_TH.element_size();
-#if defined(__x86_64__)
-  const bool stream = streaming_stores && reinterpret_cast<uintptr_t>(y) % 16 == 0 && out_stride % 16 == 0;
-#else
-  const bool stream = false;
-#endif
+  const bool stream = streaming_stores && reinterpret_cast<uintptr_t>(y) % 16 == 0 && out_stride % 16 == 0 &&
+                      bytes % 16 == 0;
   at::parallel_for(r0, r1, grain(bytes), [&](int64_t a, int64_t b) {
-#if defined(__x86_64__)
     if (stream) {
-      for (int64_t r = a; r < b; ++r) {
-        // The source rows are scattered: the hardware prefetcher cannot guess the next one.
-        if (r + 4 < b) __builtin_prefetch(x + (row_to_slot_N[r + 4] / top_k) * src_stride);
-        stream_copy(y + (r - r0) * out_stride, x + (row_to_slot_N[r] / top_k) * src_stride, bytes);
-      }
-      _mm_sfence();  // the streamed stores are visible before the parallel region ends
+      gather_streamed(x, src_stride, row_to_slot_N, top_k, bytes, a, b, y + (a - r0) * out_stride, out_stride);
       return;
     }
-#endif
     for (int64_t r = a; r < b; ++r) {
-      const int64_t t = row_to_slot_N[r] / top_k;
-      std::memcpy(y + (r - r0) * out_stride, x + t * src_stride, bytes);
+      std::memcpy(y + (r - r0) * out_stride, x + (row_to_slot_N[r] / top_k) * src_stride, bytes);
     }
   });
 }
