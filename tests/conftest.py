@@ -26,7 +26,14 @@ import pytest  # noqa: E402
 # interpreter gets the install command, not an ImportError from this file.
 INSTALL = "pip install torch==2.13.0 setuptools wheel && pip install --no-build-isolation '.[test]'"
 NOT_INSTALLED = f"the tests need torch and this package installed, as the README's test command does: {INSTALL}"
-OURS = ("finteam", "finteam_kernels")  # a module of ours that fails to import is a bug: its traceback stays
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ours(module: str) -> bool:
+    """A module of this checkout (the packages, the tests' and the benchmarks' helpers): one that
+    fails to import is a bug, and keeps its traceback."""
+    return module in ("finteam", "finteam_kernels") or any(
+        os.path.exists(os.path.join(ROOT, folder, f"{module}.py")) for folder in ("tests", "benchmarks"))
 
 
 @pytest.fixture(autouse=True)
@@ -74,13 +81,12 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collectreport(report):
     """A test module that cannot import what it needs (the kernels installed alone, without the
     `test` extra, have no transformers or hypothesis) fails to collect with one line naming what
-    is missing and the install command, not an import traceback. A module of ours that is
-    missing is a bug and keeps its traceback."""
+    is missing and the install command, not an import traceback."""
     text = str(report.longrepr) if report.failed else ""
     if not text.startswith("ImportError while importing test module"):
         return
     cause = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")][-1:]
     missing = re.search(r"No module named '(\w+)", cause[0]) if cause else None
-    if not cause or (missing and missing.group(1) in OURS):
+    if not cause or (missing and _ours(missing.group(1))):
         return
     report.longrepr = f"{report.nodeid}: {cause[0]}. The README's test command installs every test dependency: {INSTALL}"

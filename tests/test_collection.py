@@ -11,10 +11,16 @@ HERE = Path(__file__).parent
 
 
 def collect(tmp_path, source: str) -> str:
-    shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_needs.py").write_text(source)
+    """Collect one test module with this conftest, in a checkout-like tree with a helper module
+    (benchmarks/harness.py) that is not on the path."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "harness.py").write_text("")
+    shutil.copy(HERE / "conftest.py", tmp_path / "tests" / "conftest.py")
+    (tmp_path / "tests" / "test_needs.py").write_text(source)
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "--rootdir", str(tmp_path), str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--rootdir", str(tmp_path), str(tmp_path / "tests")], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode != 0
     return run.stdout + run.stderr
 
@@ -29,6 +35,7 @@ def test_a_missing_dependency_is_one_line_with_the_install_command(tmp_path, sou
     assert "Traceback" not in out
 
 
-def test_a_missing_module_of_ours_keeps_its_traceback(tmp_path):
-    out = collect(tmp_path, "import finteam_kernels.no_such_module\n")
+@pytest.mark.parametrize("module", ["finteam_kernels.no_such_module", "harness.no_such_module"])
+def test_a_missing_module_of_ours_keeps_its_traceback(tmp_path, module):
+    out = collect(tmp_path, f"import {module}\n")
     assert "Traceback" in out and "The README's test command" not in out
