@@ -7,6 +7,7 @@ FINTEAM_ALLOW_NO_EXT=1 declares an install without a compiler: then the tests th
 library are skipped instead of failing. Without it, a silent fallback to the reference fails.
 """
 import inspect
+import io
 import json
 import os
 import subprocess
@@ -259,6 +260,38 @@ def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
     x_NH = cpu_ext.permute_fwd(x_TH, row_to_slot_N, K)
     assert x_NH.numel() * x_NH.element_size() >= 16 << 20
     assert torch.equal(x_NH, x_TH[row_to_slot_N.long() // K])
+
+
+def test_large_outputs_are_ordinary_tensors(cpu_ext):
+    # Outputs of 32 MiB or more come from the library's huge-page allocator (csrc/cpu/alloc.h):
+    # the experts' weight gradients here are 64 and 32 MiB. Their values match the reference,
+    # they start on a 2 MiB boundary (the path was taken), and they resize, change in place and
+    # pickle like any tensor.
+    g = torch.Generator().manual_seed(3)
+    T, K, E, H, I = 64, 2, 4, 1024, 2048
+    x_TH = torch.randn(T, H, generator=g, requires_grad=True)
+    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    weights_TK = torch.rand(T, K, generator=g, requires_grad=True)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 32).requires_grad_()
+    w_down = (torch.randn(E, H, I, generator=g) / 45).requires_grad_()
+    grad_TH = torch.randn(T, H, generator=g)
+    inputs = (x_TH, weights_TK, w_gate_up, w_down)
+    ours = torch.autograd.grad(finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu"),
+                               inputs, grad_TH)
+    expected = torch.autograd.grad(reference.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down), inputs, grad_TH)
+    for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), ours, expected):
+        assert_close(a, b, name=f"grad {name}")
+    grad_w_gate_up, grad_w_down = ours[2], ours[3]
+    assert grad_w_gate_up.nbytes >= 32 << 20 and grad_w_down.nbytes >= 32 << 20
+    assert grad_w_gate_up.data_ptr() % (2 << 20) == 0 and grad_w_down.data_ptr() % (2 << 20) == 0
+    kept = grad_w_down.clone()
+    grad_w_down.resize_(E + 1, H, I)  # grows through the same allocator, keeping the values
+    assert torch.equal(grad_w_down[:E], kept)
+    grad_w_gate_up.add_(1.0)
+    buffer = io.BytesIO()
+    torch.save(grad_w_gate_up, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), grad_w_gate_up)
 
 
 @pytest.mark.parametrize("case, cause", [

@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "alloc.h"
 #include "dot_bf16.h"
 #include "gemm.h"
 #include "ops_cpu.h"
@@ -53,7 +54,7 @@ at::Tensor grouped_gemm_fwd(const at::Tensor& x_ND, const at::Tensor& w_EOD, con
   const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_gemm: x_ND and w_EOD must have the same dtype");
   const int64_t N = x.size(0), E = w.size(0), O = w.size(1);
-  auto y_NO = at::empty({N, O}, x.options());
+  auto y_NO = empty_large({N, O}, x.options());
   const auto offsets = host_offsets(expert_offsets_E1, E, N, "grouped_gemm");
   const bool streaming = x.scalar_type() == at::kBFloat16 && skinny_gemm_available() && x.size(1) > 0;
   std::vector<int64_t> skinny;
@@ -108,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_bwd(const at::Tensor& grad_NO, c
   const at::Tensor x = rows_dense(x_ND), w = rows_dense(w_EOD);
   const at::Tensor grad = rows_dense(grad_NO.to(x.scalar_type()));
   const int64_t N = x.size(0), E = w.size(0);
-  auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto grad_w = at::empty_like(w, at::MemoryFormat::Contiguous);
+  auto grad_x = empty_large(x.sizes(), x.options());
+  auto grad_w = empty_large(w.sizes(), w.options());
   const auto offsets = host_offsets(expert_offsets_E1, E, N, "grouped_gemm");
   std::vector<int64_t> few;
   for (int64_t e = 0; e < E; ++e) {

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "alloc.h"
 #include "dot_bf16.h"
 #include "dot_f32.h"
 #include "gemm.h"
@@ -97,7 +98,7 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
     act_row[i + 1] = act_row[i] + M;
     max_rows = std::max(max_rows, M);
   }
-  auto act_MI = at::empty({act_row[count], I}, x.options());
+  auto act_MI = empty_large({act_row[count], I}, x.options());
   auto* act_data = act_MI.data_ptr<scalar_t>();
   const auto* wgu = w_gate_up.const_data_ptr<scalar_t>();
   const auto* wd = w_down.const_data_ptr<scalar_t>();
@@ -174,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
               topk_ids_TK.numel());
   check_indices(topk_ids_TK, s.E, "moe_experts", "topk_ids_TK");
   auto [offsets_E1, counts_E, row_to_slot_N, slot_to_row_N] = dispatch_fwd(topk_ids_TK, s.E);
-  auto h_N2I = at::empty({needs_grad ? s.N : 0, 2 * s.I}, x.options());
-  auto y_NH = at::empty({s.N, s.H}, x.options());
+  auto h_N2I = empty_large({needs_grad ? s.N : 0, 2 * s.I}, x.options());
+  auto y_NH = empty_large({s.N, s.H}, x.options());
   const auto offsets = host_offsets(offsets_E1, s.E, s.N, "moe_experts");
   const int32_t* row_to_slot = row_to_slot_N.const_data_ptr<int32_t>();
   // Experts with few rows stream their weights (bf16 where a streaming kernel runs, and fp32);
@@ -323,20 +324,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   const at::Tensor r2s = row_to_slot_N.to(at::kInt).contiguous();
   const int32_t* row_to_slot = r2s.const_data_ptr<int32_t>();
   auto grad_w = at::zeros({s.T, s.K}, w.options());
-  auto grad_w_gate_up = at::empty_like(w_gate_up);
-  auto grad_w_down = at::empty_like(w_down);
-  auto dx_NH = at::empty({s.N, s.H}, x.options());
+  auto grad_w_gate_up = empty_large(w_gate_up.sizes(), w_gate_up.options());
+  auto grad_w_down = empty_large(w_down.sizes(), w_down.options());
+  auto dx_NH = empty_large({s.N, s.H}, x.options());
   const auto offsets = host_offsets(expert_offsets_E1, s.E, s.N, "moe_experts");
   // Every row's dout and x in expert order, the incoming gradient of y, g, a and dh.
-  auto dout_NH = at::empty({s.N, s.H}, x.options());
-  auto x_NH = at::empty({s.N, s.H}, x.options());
+  auto dout_NH = empty_large({s.N, s.H}, x.options());
+  auto x_NH = empty_large({s.N, s.H}, x.options());
   if (s.N > 0 && s.H > 0) {
     gather_rows(grad, row_to_slot, s.K, 0, s.N, dout_NH);
     gather_rows(x, row_to_slot, s.K, 0, s.N, x_NH);
   }
-  auto g_NI = at::empty({s.N, s.I}, x.options());
-  auto a_NI = at::empty({s.N, s.I}, x.options());
-  auto dh_N2I = at::empty({s.N, 2 * s.I}, x.options());
+  auto g_NI = empty_large({s.N, s.I}, x.options());
+  auto a_NI = empty_large({s.N, s.I}, x.options());
+  auto dh_N2I = empty_large({s.N, 2 * s.I}, x.options());
   std::vector<int64_t> few, many;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t M = offsets[e + 1] - offsets[e];

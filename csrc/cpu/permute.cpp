@@ -4,6 +4,7 @@
 // Forward: one copy per row (rows.h gather_rows), past the caches for large outputs.
 // Backward: each token sums its K rows' gradients in slot order in fp32 (rows.h combine_rows;
 // no atomics, deterministic).
+#include "alloc.h"
 #include "checks.h"
 #include "ops_cpu.h"
 #include "rows.h"
@@ -26,7 +27,7 @@ at::Tensor permute_fwd(const at::Tensor& x_TH, const at::Tensor& row_to_slot_N, 
   const at::Tensor x = rows_dense(x_TH);
   const at::Tensor r2s = row_to_slot_N.to(at::kInt).contiguous();
   const int64_t N = r2s.numel();
-  auto x_NH = at::empty({N, x.size(1)}, x.options());
+  auto x_NH = empty_large({N, x.size(1)}, x.options());
   const bool large = N * x.size(1) * x.element_size() >= kStreamedOutputBytes;
   if (N > 0 && x.size(1) > 0) gather_rows(x, r2s.const_data_ptr<int32_t>(), top_k, 0, N, x_NH, large);
   return x_NH;

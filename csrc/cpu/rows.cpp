@@ -8,6 +8,7 @@
 #endif
 #include <vector>
 
+#include "alloc.h"
 #include "rows.h"
 #include "vmath.h"
 
@@ -104,7 +105,7 @@ at::Tensor combine_rows(const at::Tensor& y_NH_in, const at::Tensor& slot_to_row
   const at::Tensor y_NH = rows_dense(y_NH_in);
   const int64_t N = slot_to_row_N.numel(), H = y_NH.size(1);
   const int64_t T = top_k > 0 ? N / top_k : 0;
-  auto out_TH = at::empty({T, H}, y_NH.options());
+  auto out_TH = empty_large({T, H}, y_NH.options());
   if (T == 0 || H == 0) return out_TH;
   const at::Tensor s2r = slot_to_row_N.to(at::kInt).contiguous();
   const auto acc = acc_dtype(y_NH.scalar_type());

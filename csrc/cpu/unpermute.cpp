@@ -7,6 +7,7 @@
 // each row.
 #include <vector>
 
+#include "alloc.h"
 #include "checks.h"
 #include "ops_cpu.h"
 #include "rows.h"
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_bwd(const at::Tensor& grad_TH, cons
               "have T*K = ", T * K, " rows; got ", slot_to_row_N.numel(), " and ", y_NH.size(0));
   // every row of grad_NH is written through slot_to_row_N: a repeat would leave another unwritten
   check_permutation(slot_to_row_N, "unpermute", "slot_to_row_N");
-  auto grad_NH = at::empty({y_NH.size(0), H}, y_NH.options());
+  auto grad_NH = empty_large({y_NH.size(0), H}, y_NH.options());
   const auto acc = acc_dtype(y_NH.scalar_type());
   const at::Tensor w = topk_weights_TK.to(acc).contiguous();
   auto grad_w = at::empty({T, K}, w.options());
