@@ -262,11 +262,13 @@ def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
     assert torch.equal(x_NH, x_TH[row_to_slot_N.long() // K])
 
 
-def test_large_outputs_are_ordinary_tensors(cpu_ext):
-    # Outputs of 32 MiB or more come from the library's huge-page allocator (csrc/cpu/alloc.h):
-    # the experts' weight gradients here are 64 and 32 MiB. Their values match the reference,
-    # they start on a 2 MiB boundary (the path was taken), and they resize, change in place and
-    # pickle like any tensor.
+def test_large_outputs_come_from_the_block_cache(cpu_ext):
+    # Outputs of 32 MiB or more come from the library's cache of large blocks (csrc/cpu/alloc.h):
+    # the experts' weight gradients here are 64 and 32 MiB. A second backward gets the blocks the
+    # first one freed, and its values match the reference as the first one's did; the profiler
+    # sees the blocks; and they resize, change in place and pickle like any tensor.
+    from torch.profiler import ProfilerActivity, profile
+
     g = torch.Generator().manual_seed(3)
     T, K, E, H, I = 64, 2, 4, 1024, 2048
     x_TH = torch.randn(T, H, generator=g, requires_grad=True)
@@ -276,22 +278,34 @@ def test_large_outputs_are_ordinary_tensors(cpu_ext):
     w_down = (torch.randn(E, H, I, generator=g) / 45).requires_grad_()
     grad_TH = torch.randn(T, H, generator=g)
     inputs = (x_TH, weights_TK, w_gate_up, w_down)
-    ours = torch.autograd.grad(finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu"),
-                               inputs, grad_TH)
     expected = torch.autograd.grad(reference.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down), inputs, grad_TH)
-    for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), ours, expected):
-        assert_close(a, b, name=f"grad {name}")
-    grad_w_gate_up, grad_w_down = ours[2], ours[3]
-    assert grad_w_gate_up.nbytes >= 32 << 20 and grad_w_down.nbytes >= 32 << 20
-    assert grad_w_gate_up.data_ptr() % (2 << 20) == 0 and grad_w_down.data_ptr() % (2 << 20) == 0
+
+    def backward():
+        out = finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu")
+        grads = torch.autograd.grad(out, inputs, grad_TH)
+        for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), grads, expected):
+            assert_close(a, b, name=f"grad {name}")
+        return grads
+
+    first = backward()
+    assert first[2].nbytes >= 32 << 20 and first[3].nbytes >= 32 << 20
+    pointers = {first[2].data_ptr(), first[3].data_ptr()}
+    first[2].fill_(float("nan"))  # stale values in a reused block must not show through
+    del first
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        second = backward()
+    assert {second[2].data_ptr(), second[3].data_ptr()} == pointers
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert second[2].nbytes in sizes and second[3].nbytes in sizes, "the profiler did not see the cached blocks"
+    grad_w_down = second[3]
     kept = grad_w_down.clone()
     grad_w_down.resize_(E + 1, H, I)  # grows through the same allocator, keeping the values
     assert torch.equal(grad_w_down[:E], kept)
-    grad_w_gate_up.add_(1.0)
+    second[2].add_(1.0)
     buffer = io.BytesIO()
-    torch.save(grad_w_gate_up, buffer)
+    torch.save(second[2], buffer)
     buffer.seek(0)
-    assert torch.equal(torch.load(buffer), grad_w_gate_up)
+    assert torch.equal(torch.load(buffer), second[2])
 
 
 @pytest.mark.parametrize("case, cause", [

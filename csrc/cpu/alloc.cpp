@@ -6,49 +6,94 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdlib>
-#include <cstring>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <map>
+#include <mutex>
 
 namespace finteam::cpu {
 namespace {
 
-constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kGranule = size_t{2} << 20;  // block sizes are rounded up to this
 
-void release(void* data) { std::free(data); }
+size_t cache_cap() {
+  static const size_t cap = [] {
+    const char* mb = std::getenv("FINTEAM_CPU_CACHE_MB");
+    return (mb != nullptr ? std::strtoull(mb, nullptr, 10) : 1024ull) << 20;
+  }();
+  return cap;
+}
 
-// Blocks of kLargeBytes or more on 2 MiB boundaries, advised as huge pages; smaller ones (a
-// resize of such a tensor) 64-byte aligned, as ATen's allocator gives them. A real allocator,
-// not a wrapped pointer, so the tensor resizes, shares and serialises like any other.
-class HugePageAllocator final : public c10::Allocator {
+// An allocator, not a wrapped pointer: a tensor from it resizes, shares and serialises like any.
+class BlockCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
+    const size_t bytes = (std::max<size_t>(n, 1) + kGranule - 1) / kGranule * kGranule;
     void* data = nullptr;
-    if (n >= static_cast<size_t>(kLargeBytes)) {
-      const size_t padded = (n + kHugePage - 1) / kHugePage * kHugePage;
-      data = std::aligned_alloc(kHugePage, padded);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      if (data != nullptr) madvise(data, padded, MADV_HUGEPAGE);  // a refusal leaves 4 KiB pages: slower, correct
-#endif
-    } else if (posix_memalign(&data, 64, n == 0 ? 64 : n) != 0) {
-      data = nullptr;
+    size_t live = 0, reserved = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (auto it = free_.find(bytes); it != free_.end()) {
+        data = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+      }
+      live = live_ += bytes;
+      reserved = live_ + cached_;
+    }
+    if (data == nullptr) data = std::aligned_alloc(64, bytes);
+    if (data == nullptr) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_ -= bytes;
     }
     TORCH_CHECK(data != nullptr, "finteam: out of memory allocating ", n, " bytes");
-    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(data, static_cast<int64_t>(bytes), live, reserved, c10::Device(c10::kCPU));
+    return {data, new Block{this, data, bytes}, &BlockCache::release, c10::Device(c10::kCPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+ private:
+  struct Block {
+    BlockCache* cache;
+    void* data;
+    size_t bytes;
+  };
+
+  static void release(void* ctx) {
+    const auto* block = static_cast<Block*>(ctx);
+    block->cache->give_back(block->data, block->bytes);
+    delete block;
+  }
+
+  void give_back(void* data, size_t bytes) {
+    bool keep = false;
+    size_t live = 0, reserved = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live = live_ -= bytes;
+      keep = cached_ + bytes <= cache_cap();
+      if (keep) {
+        free_.emplace(bytes, data);
+        cached_ += bytes;
+      }
+      reserved = live_ + cached_;
+    }
+    if (!keep) std::free(data);
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(data, -static_cast<int64_t>(bytes), live, reserved, c10::Device(c10::kCPU));
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;  // free blocks by size
+  size_t cached_ = 0, live_ = 0;
 };
 
 }  // namespace
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
-  if (bytes < kLargeBytes) return at::empty(sizes, options);
-  static HugePageAllocator allocator;
-  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  if (bytes < kLargeBytes || cache_cap() == 0) return at::empty(sizes, options);
+  static auto* cache = new BlockCache;  // never destroyed: tensors may outlive static destructors
+  return at::detail::empty_generic(sizes, cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
 

@@ -1,22 +1,27 @@
-// Large buffers on transparent huge pages.
+// Large buffers, kept for reuse.
 //
 // glibc serves an allocation of 32 MiB or more (its largest mmap threshold) with a fresh mmap
-// every time, so every 4 KiB page of it faults and is zero-filled by the kernel on first touch:
-// 12 ms for 32 MiB and 35 ms for the 117 MiB weight gradient of a Mixtral-shaped layer's experts
-// (8 x 7168 x 1024 bf16) on a 2-core AMD EPYC, where writing it again costs 4-5 ms. That is a
-// third of such an expert backward. Advised as huge pages the kernel faults 2 MiB at a time,
-// and the first touch costs about twice a rewrite (11.5 ms, same buffer). Smaller buffers come
-// back from glibc's heap already touched, and keep the default allocator.
+// every time, so each 4 KiB page of it faults and is zero-filled by the kernel on first touch,
+// on every call. On a 2-core AMD EPYC: 12 ms for 32 MiB where rewriting it costs 0.9 ms, and 35
+// of the 140 ms of a Mixtral-shaped experts' backward (bf16, 8 x 7168 x 1024 weight gradient).
+// The library's large outputs and scratch (the experts' weight gradients, permuted rows) come
+// instead from blocks freed by earlier calls, which a training loop asks for again at the same
+// sizes every step. Smaller buffers come back from glibc's heap already touched and keep ATen's
+// allocator. (Advising the fresh blocks as huge pages instead made the faults cheap on average
+// but stalled some calls for over 100 ms.)
+//
+// FINTEAM_CPU_CACHE_MB (read once; default 1024) caps the bytes of free blocks kept; 0 keeps
+// none. Blocks in use are reported to PyTorch's memory profiler like ATen's own.
 #pragma once
 
 #include "common.h"
 
 namespace finteam::cpu {
 
-// An uninitialised tensor of `sizes` (contiguous); at or above kLargeBytes, in 2 MiB-aligned
-// memory advised as huge pages (where the kernel allows them; 4 KiB pages otherwise).
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
-
 constexpr int64_t kLargeBytes = int64_t{32} << 20;
+
+// An uninitialised contiguous tensor of `sizes`: from the cache at or above kLargeBytes, from
+// ATen's allocator below.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace finteam::cpu
