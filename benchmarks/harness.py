@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -231,19 +232,25 @@ def measure(
 
 
 def interleaved(fns: dict[str, Callable[[], object]], quick: bool = True) -> dict[str, Stats]:
-    """Wall-clock Stats per provider, timed in rounds of one call each, the order rotating: on a
-    CPU a drift in memory bandwidth or load while a case runs then hits every provider alike,
-    which back-to-back `measure` calls do not promise."""
+    """Wall-clock Stats per provider, timed in rounds of one call each, in a fresh random order
+    every round: on a CPU a drift in memory bandwidth or load while a case runs then hits every
+    provider alike, which back-to-back `measure` calls do not promise. (An order that only
+    rotates keeps each provider behind the same one every round, and that alone moved a
+    provider's median by 4-5% on a 2-core AMD EPYC: two copies of the same call, timed
+    interleaved behind a plain read of other memory, differed by that much.)"""
     budget_s = 3.0 if quick else 15.0
-    for fn in fns.values():  # warm-up: first-call allocations and primitive creation
-        fn()
-        fn()
     names = list(fns)
+    order = random.Random(0)  # seeded: a rerun times the same sequence
+    for _ in range(2):  # warm-up rounds (first-call allocations, primitive creation), untimed
+        order.shuffle(names)
+        for name in names:
+            fns[name]()
     times = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
     while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 400):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+        order.shuffle(names)
+        for name in names:
             t0 = time.perf_counter_ns()
             fns[name]()
             times[name].append((time.perf_counter_ns() - t0) / 1e6)
@@ -311,11 +318,12 @@ def rotation_copies(nbytes_per_set: int, device: torch.device | str, cap: int = 
 
 def interleaved_copies(nbytes_per_call: int, providers: int, device: torch.device | str) -> tuple[int, int]:
     """(copies, stride) for `providers` timed by `interleaved` on shared input copies, provider p
-    rotating from copy p * stride (see `cycle`): two reads of one copy are then at least `stride`
-    rounds apart, with twice the last-level cache of other copies read between them. (Rotating
-    from the same copy, every provider but the first in a round reads what the first just
-    brought into the cache.)"""
-    stride = rotation_copies(nbytes_per_call, device)
+    rotating from copy p * stride (see `cycle`): provider p reads the copy that provider p + 1
+    read `stride` rounds before, so whatever order the rounds take, at least `stride - 1` whole
+    rounds, twice the last-level cache of other copies, are read between two reads of one copy.
+    (Rotating from the same copy, every provider but the first in a round reads what the first
+    just brought into the cache.)"""
+    stride = rotation_copies(nbytes_per_call, device) + 1
     return stride * providers, stride
 
 

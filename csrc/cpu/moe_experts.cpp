@@ -45,6 +45,21 @@ namespace {
 constexpr int64_t kGateRowsPerTask = 32;
 constexpr int64_t kDownRowsPerTask = 64;
 
+// Decode-sized batches (every expert at most kLongTaskMaxRows rows) take kLongGateRowsPerTask
+// gate rows a task, and as many up rows: each task then reads two runs of 512 KB (H=1024 bf16)
+// where 32 rows gave two of 64 KB, and a thread's reads jump between the gate and up halves
+// eight times less often. Calls in shuffled order on a 2-core AMD EPYC (Zen 4), Mixtral-shaped
+// experts, against 32 rows: 2-3% faster with 2 threads at T=1 and T=16, 3-5% with 1 thread.
+// Only where the experts still give 4 tasks a thread, so many threads keep busy.
+constexpr int64_t kLongGateRowsPerTask = 256;
+constexpr int64_t kLongTaskMaxRows = 16;
+
+int64_t gate_rows_per_task(int64_t I, int64_t experts, int64_t max_rows) {
+  const int64_t long_tasks = experts * ((I + kLongGateRowsPerTask - 1) / kLongGateRowsPerTask);
+  return max_rows <= kLongTaskMaxRows && long_tasks >= 4 * at::get_num_threads() ? kLongGateRowsPerTask
+                                                                                  : kGateRowsPerTask;
+}
+
 struct Shapes {
   int64_t T, H, I, E, K, N;
 };
@@ -116,8 +131,8 @@ void streaming_forward(const at::Tensor& x, const int32_t* row_to_slot, const Sh
     tokens.push_back(batch_rows(rows.data(), M, H, I % 16 == 0));
   }
 
-  const int64_t gate_tasks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
-  constexpr int64_t B = kGateRowsPerTask;
+  const int64_t B = gate_rows_per_task(I, count, max_rows);
+  const int64_t gate_tasks = (I + B - 1) / B;
   struct GateScratch {
     std::vector<float> gate, up, out;
   };
