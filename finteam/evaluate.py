@@ -16,6 +16,7 @@ all of them alike.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -210,22 +211,29 @@ def workloads(model, batch: int, seq_len: int, decode_tokens: int = 16) -> dict:
 
 def interleaved_tokens_per_s(runs: dict, repeats: int) -> dict:
     """{row: {f"{workload}_tok_s": tokens/s}} for `runs` = {row: workloads(...)}: the median of
-    `repeats` timings after one warm-up, every row's workloads run in turn within each repeat,
-    so that the drift of a shared host falls on all rows alike and their ratios hold."""
+    `repeats` timings after one warm-up round, every row's workloads run once in each round, in
+    a fresh (seeded) random order, so that the drift of a shared host falls on all rows alike
+    and their ratios hold. (In a fixed order each workload runs behind the same one every
+    round, and that alone can move its median by a few percent on a CPU.)"""
     seconds = {row: {name: [] for name in w} for row, w in runs.items()}
+    calls = [(row, name) for row, w in runs.items() for name in w]
+    order = random.Random(0)
     for repeat in range(repeats + 1):
-        for row, w in runs.items():
-            for name, (fn, _) in w.items():
-                t0 = time.perf_counter()
-                fn()
-                if repeat:
-                    seconds[row][name].append(time.perf_counter() - t0)
+        order.shuffle(calls)
+        for row, name in calls:
+            fn = runs[row][name][0]
+            t0 = time.perf_counter()
+            fn()
+            if repeat:
+                seconds[row][name].append(time.perf_counter() - t0)
     return {row: {f"{name}_tok_s": round(tokens / statistics.median(seconds[row][name])) for name, (_, tokens) in w.items()}
             for row, w in runs.items()}
 
 
-def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg, repeats: int = 7) -> dict:
-    """{row name: tokens/s numbers, or the reason the row could not run}."""
+def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg, repeats: int = 25) -> dict:
+    """{row name: tokens/s numbers, or the reason the row could not run}. 25 rounds take about
+    40 s of the tiny recipe on 2 cores; with 7, two runs of the same table differed by 4-7% in
+    a ratio."""
     rows, runs = {}, {}
     for impl in ("eager", "finteam"):
         name = f"team, {impl} experts"
