@@ -134,6 +134,7 @@ def _run(command: str, args, recipe) -> int:
     _init_distributed(recipe)
     from . import pipeline
 
+    finished = False
     try:
         if command == "run":
             pipeline.run_all(recipe, args.seeds, args.force)
@@ -153,6 +154,7 @@ def _run(command: str, args, recipe) -> int:
                     pipeline.run_evaluate(recipe, k, args.force)
             if command == "evaluate":
                 print(pipeline.run_report(recipe, list(range(args.seeds))))
+        finished = True
     except Interrupted as stop:
         print(f"\nfinteam: {stop.message}", file=sys.stderr)
         return 130
@@ -163,7 +165,7 @@ def _run(command: str, args, recipe) -> int:
         print(f"finteam {command}: {err}", file=sys.stderr)
         return 1
     finally:
-        _end_distributed()
+        _end_distributed(finished)
     return 0
 
 
@@ -181,13 +183,18 @@ def _init_distributed(recipe) -> None:
     dist.init_process_group(backend)
 
 
-def _end_distributed() -> None:
+def _end_distributed(finished: bool) -> None:
     # Left to the interpreter's exit, gloo's worker threads can outlive the objects they use and
-    # abort the process after a finished run; destroying the group explicitly avoids that.
-    # No barrier first: on an error the other ranks may never arrive.
+    # abort the process after a finished run; destroying the group explicitly avoids that. A
+    # finished run first waits for every rank, so that no rank tears its connections down while
+    # another still uses them (one rank of a finished 2-process run aborted in teardown, "terminate
+    # called without an active exception", once in many runs without the barrier). No barrier
+    # after an error: the other ranks may never arrive (torchrun ends them when one rank fails).
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
