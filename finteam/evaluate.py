@@ -232,7 +232,7 @@ def interleaved_tokens_per_s(runs: dict, repeats: int) -> dict:
 
 def throughput_table(moe_dir: Path, dense_dir: Path | None, cfg, repeats: int = 25) -> dict:
     """{row name: tokens/s numbers, or the reason the row could not run}. 25 rounds take about
-    40 s of the tiny recipe on 2 cores; with 7, two runs of the same table differed by 4-7% in
+    15 s of the tiny recipe on 2 cores; with 7, two runs of the same table differed by 4-7% in
     a ratio."""
     rows, runs = {}, {}
     for impl in ("eager", "finteam"):
