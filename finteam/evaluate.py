@@ -11,8 +11,8 @@ sends to each expert, top-k assignments counted, per layer and averaged; a PNG h
 Throughput: the team with transformers' eager experts vs ours (`finteam`), and the dense
 baseline, each on the same batch: training tokens/s (forward+backward+AdamW step), prefill
 tokens/s (one forward over the batch), decode tokens/s (greedy generation with the KV cache);
-medians of 7 timings, the three models' runs interleaved so that a shared host's drift falls on
-all of them alike.
+medians of 25 timings, the three models' runs interleaved in a shuffled order so that a shared
+host's drift falls on all of them alike.
 """
 from __future__ import annotations
 
