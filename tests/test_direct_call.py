@@ -1,7 +1,10 @@
-"""Without autograd, the public ops run their kernels directly, skipping the torch.library custom
-op (`_backend.direct_call`). Both ways must give the same bits."""
+"""The public ops reach their kernels three ways: directly without autograd (`_backend.direct_call`),
+through a torch.autograd.Function of their own outside torch.compile and other tracing
+(`_backend.eager_function`), and through their torch.library custom op where something traces.
+All three must give the same bits, the last two the same gradients too."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from backends import kernel_backends
 from routing import routed
 
@@ -43,3 +46,67 @@ def test_direct_and_custom_op_calls_agree(backend):
                            x_NH, w_gate_up_E2IH))
     assert_same(*both_ways(lambda x, w, a, b: fk.moe_experts(x, ids_TK, w, a, b, backend=backend),
                            x_TH, weights_TK, w_gate_up_E2IH, w_down_EHI))
+
+
+class Transparent(TorchDispatchMode):
+    """A dispatch mode that runs every op as it is: with one active, the ops count as traced and
+    take their custom ops (as under fake tensors or AOTAutograd)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def outputs_and_grads(fn, tensors, traced: bool):
+    """fn's outputs and the gradients of a fixed random projection of them, with the ops traced
+    (custom ops) or not (eager autograd functions); the grad_fn names of the outputs."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+    with Transparent() if traced else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = fn(*leaves)
+        out = out if isinstance(out, tuple) else (out,)
+        floats = [o for o in out if o.requires_grad]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in floats)
+        loss.backward()
+    names = {o.grad_fn.name() for o in floats}
+    return [o.detach() for o in out], [t.grad for t in leaves if t.requires_grad], names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_autograd_and_custom_op_agree_in_outputs_and_gradients(backend):
+    T, E, K, H, I = 9, 5, 2, 16, 12  # a few tokens, prime E
+    logits_TE, x_TH = torch.randn(T, E), torch.randn(T, H)
+    w_gate_up_E2IH, w_down_EHI = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    ids_TK = routed(T, K, E)
+    weights_TK = torch.rand(T, K)
+    plan = fk.dispatch(ids_TK, E, backend=backend)
+    x_NH = fk.permute(x_TH, plan, backend=backend)
+    cases = {
+        "topk_gating": (lambda l: fk.topk_gating(l, K, backend=backend)[:1], logits_TE),
+        "router_losses": (lambda l: tuple(fk.router_losses(l, ids_TK, E, backend=backend)), logits_TE),
+        "permute": (lambda x: fk.permute(x, plan, backend=backend), x_TH),
+        "unpermute": (lambda y, w: fk.unpermute(y, plan, w, backend=backend), x_NH, weights_TK),
+        "grouped_gemm": (lambda x, w: fk.grouped_gemm(x, w, plan.expert_offsets_E1, backend=backend),
+                         x_NH, w_gate_up_E2IH),
+        "moe_experts": (lambda x, w, a, b: fk.moe_experts(x, ids_TK, w, a, b, backend=backend),
+                        x_TH, weights_TK, w_gate_up_E2IH, w_down_EHI),
+    }
+    for op, (fn, *tensors) in cases.items():
+        eager_out, eager_grads, eager_names = outputs_and_grads(fn, tensors, traced=False)
+        op_out, op_grads, op_names = outputs_and_grads(fn, tensors, traced=True)
+        # each way is the one asked for: the eager function is named after the op, the custom
+        # op's autograd node after its schema
+        assert eager_names == {f"{op}Backward"}, op
+        assert all(name.startswith(f"GeneratedBackwardFor_finteam_{op}") for name in op_names), (op, op_names)
+        assert len(eager_grads) == len(tensors) and all(g is not None for g in eager_grads), op
+        for a, b in zip(eager_out + eager_grads, op_out + op_grads):
+            assert torch.equal(a, b), op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_autograd_refuses_a_second_derivative(backend):
+    """As the custom ops do (their backward ops have no autograd): an error, not a wrong answer."""
+    x = torch.randn(4, 8, requires_grad=True)
+    weights = fk.topk_gating(x, 2, renormalize=False, backend=backend).weights_TK
+    (grad,) = torch.autograd.grad((weights ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()

@@ -12,7 +12,7 @@ GLU epilogue); `grouped_gemm_fwd` / `grouped_gemm_bwd` are the launchers of the 
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from ._triton import cdiv, device_guard, interpreting, next_pow2
 
 GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,12 +113,14 @@ def grouped_gemm_bwd(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Ten
     return grad_x_ND, wgrad(grad_NO, x_ND, expert_offsets_E1)
 
 
-@torch.library.custom_op("finteam::grouped_gemm", mutates_args=())
-def _grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, offsets_checked: bool,
+def _grouped_gemm_impl(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, offsets_checked: bool,
                   backend: str) -> torch.Tensor:
     if not offsets_checked:  # traced by torch.compile: the offsets are first seen here
         _checks.check_offset_values("grouped_gemm", "expert_offsets_E1", expert_offsets_E1, x_ND.shape[0])
     return kernel("grouped_gemm_fwd", backend, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
+
+
+_grouped_gemm = torch.library.custom_op("finteam::grouped_gemm", _grouped_gemm_impl, mutates_args=())
 
 
 @_grouped_gemm.register_fake
@@ -126,10 +128,13 @@ def _(x_ND, w_EOD, expert_offsets_E1, offsets_checked, backend):
     return x_ND.new_empty((x_ND.shape[0], w_EOD.shape[1]))
 
 
-@torch.library.custom_op("finteam::grouped_gemm_backward", mutates_args=())
-def _grouped_gemm_backward(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Tensor,
+def _grouped_gemm_backward_impl(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Tensor,
                            expert_offsets_E1: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return kernel("grouped_gemm_bwd", backend, grouped_gemm_bwd)(grad_NO, x_ND, w_EOD, expert_offsets_E1)
+
+
+_grouped_gemm_backward = torch.library.custom_op(
+    "finteam::grouped_gemm_backward", _grouped_gemm_backward_impl, mutates_args=())
 
 
 @_grouped_gemm_backward.register_fake
@@ -144,11 +149,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_NO):
     x_ND, w_EOD, expert_offsets_E1 = ctx.saved_tensors
-    grad_x_ND, grad_w_EOD = _grouped_gemm_backward(grad_NO, x_ND, w_EOD, expert_offsets_E1, ctx.backend)
+    backward_op = _grouped_gemm_backward if traced() else _grouped_gemm_backward_impl  # see eager_function
+    grad_x_ND, grad_w_EOD = backward_op(grad_NO, x_ND, w_EOD, expert_offsets_E1, ctx.backend)
     return grad_x_ND, grad_w_EOD, None, None, None
 
 
 _grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
+_grouped_gemm_eager = eager_function(_grouped_gemm_impl, _setup_context, _backward)
 
 
 def grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, *,
@@ -168,4 +175,5 @@ def grouped_gemm(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: tor
         return reference.grouped_gemm(x_ND, w_EOD, expert_offsets_E1)
     if direct_call(x_ND, w_EOD):
         return kernel("grouped_gemm_fwd", name, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
-    return _grouped_gemm(x_ND, w_EOD, expert_offsets_E1, offsets_checked, name)
+    run = _grouped_gemm if traced(x_ND, w_EOD) else _grouped_gemm_eager
+    return run(x_ND, w_EOD, expert_offsets_E1, offsets_checked, name)

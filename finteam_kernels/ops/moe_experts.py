@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from ._triton import cdiv, device_guard, interpreting
 from .dispatch import dispatch_counted
 from .grouped_gemm import GEMM_DTYPES, gemm, wgrad
@@ -112,8 +112,7 @@ def _forward(backend: str, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w
         x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad)
 
 
-@torch.library.custom_op("finteam::moe_experts", mutates_args=())
-def _moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+def _moe_experts_impl(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
                  ids_checked: bool, tokens_per_expert_E: Optional[torch.Tensor],
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,6 +120,9 @@ def _moe_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK:
         _checks.check_ids("moe_experts", "topk_ids_TK", topk_ids_TK, w_gate_up_E2IH.shape[0])
     return _forward(backend, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
                     tokens_per_expert_E)
+
+
+_moe_experts = torch.library.custom_op("finteam::moe_experts", _moe_experts_impl, mutates_args=())
 
 
 @_moe_experts.register_fake
@@ -134,8 +136,7 @@ def _(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation
             topk_ids_TK.new_empty((N,), dtype=torch.int32))
 
 
-@torch.library.custom_op("finteam::moe_experts_backward", mutates_args=())
-def _moe_experts_backward(
+def _moe_experts_backward_impl(
     grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, w_gate_up_E2IH: torch.Tensor,
     w_down_EHI: torch.Tensor, h_N2I: torch.Tensor, expert_offsets_E1: torch.Tensor, row_to_slot_N: torch.Tensor,
     slot_to_row_N: torch.Tensor, activation: str, backend: str,
@@ -143,6 +144,10 @@ def _moe_experts_backward(
     return kernel("moe_experts_bwd", backend, moe_experts_bwd)(
         grad_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, h_N2I, expert_offsets_E1, row_to_slot_N,
         slot_to_row_N, activation)
+
+
+_moe_experts_backward = torch.library.custom_op(
+    "finteam::moe_experts_backward", _moe_experts_backward_impl, mutates_args=())
 
 
 @_moe_experts_backward.register_fake
@@ -166,12 +171,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_TH, *_):
     if grad_TH is None:  # not materialised (see _setup_context): the output took no part in the loss
         return (None,) * 10
-    grads = _moe_experts_backward(grad_TH, *ctx.saved_tensors, ctx.activation, ctx.backend)
+    backward_op = _moe_experts_backward if traced() else _moe_experts_backward_impl  # see eager_function
+    grads = backward_op(grad_TH, *ctx.saved_tensors, ctx.activation, ctx.backend)
     grad_x_TH, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI = grads
     return grad_x_TH, None, grad_weights_TK, grad_w_gate_up_E2IH, grad_w_down_EHI, None, None, None, None, None
 
 
 _moe_experts.register_autograd(_backward, setup_context=_setup_context)
+_moe_experts_eager = eager_function(_moe_experts_impl, _setup_context, _backward)
 
 
 def _check(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation) -> None:
@@ -231,5 +238,6 @@ def routed_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_T
                         tokens_per_expert_E)[0]
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
-    return _moe_experts(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
+    run = _moe_experts if traced(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI) else _moe_experts_eager
+    return run(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
                         ids_checked, tokens_per_expert_E, name)[0]

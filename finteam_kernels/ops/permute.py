@@ -7,7 +7,7 @@ Shape legend: T tokens, H hidden, K top-k, N = T*K routed rows.
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from .._types import DispatchPlan
 from ._triton import cdiv, device_guard, interpreting
 
@@ -49,8 +49,7 @@ def permute_bwd(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int) 
     return grad_TH
 
 
-@torch.library.custom_op("finteam::permute", mutates_args=())
-def _permute(
+def _permute_impl(
     x_TH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, plan_checked: bool,
     backend: str,
 ) -> torch.Tensor:
@@ -59,14 +58,20 @@ def _permute(
     return kernel("permute_fwd", backend, permute_fwd)(x_TH, row_to_slot_N, top_k)
 
 
+_permute = torch.library.custom_op("finteam::permute", _permute_impl, mutates_args=())
+
+
 @_permute.register_fake
 def _(x_TH, row_to_slot_N, slot_to_row_N, top_k, plan_checked, backend):
     return x_TH.new_empty((row_to_slot_N.shape[0], x_TH.shape[1]))
 
 
-@torch.library.custom_op("finteam::permute_backward", mutates_args=())
-def _permute_backward(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int, backend: str) -> torch.Tensor:
+def _permute_backward_impl(grad_NH: torch.Tensor, slot_to_row_N: torch.Tensor, top_k: int,
+                           backend: str) -> torch.Tensor:
     return kernel("permute_bwd", backend, permute_bwd)(grad_NH, slot_to_row_N, top_k)
+
+
+_permute_backward = torch.library.custom_op("finteam::permute_backward", _permute_backward_impl, mutates_args=())
 
 
 @_permute_backward.register_fake
@@ -81,10 +86,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_NH):
     (slot_to_row_N,) = ctx.saved_tensors
-    return _permute_backward(grad_NH, slot_to_row_N, ctx.top_k, ctx.backend), None, None, None, None, None
+    backward_op = _permute_backward if traced() else _permute_backward_impl  # see eager_function
+    return backward_op(grad_NH, slot_to_row_N, ctx.top_k, ctx.backend), None, None, None, None, None
 
 
 _permute.register_autograd(_backward, setup_context=_setup_context)
+_permute_eager = eager_function(_permute_impl, _setup_context, _backward)
 
 
 def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = None) -> torch.Tensor:
@@ -99,4 +106,5 @@ def permute(x_TH: torch.Tensor, plan: DispatchPlan, *, backend: str | None = Non
         return reference.permute(x_TH, plan)
     if direct_call(x_TH):
         return kernel("permute_fwd", name, permute_fwd)(x_TH, plan.row_to_slot_N, top_k)
-    return _permute(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, plan_checked, name)
+    run = _permute if traced(x_TH) else _permute_eager
+    return run(x_TH, plan.row_to_slot_N, plan.slot_to_row_N, top_k, plan_checked, name)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from .._types import RouterLosses
 from ._triton import cdiv, device_guard, interpreting
 
@@ -91,8 +91,7 @@ def router_losses_bwd(
     return grad_TE.to(logits_TE.dtype)
 
 
-@torch.library.custom_op("finteam::router_losses", mutates_args=())
-def _router_losses(
+def _router_losses_impl(
     logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, ids_checked: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not ids_checked:  # traced by torch.compile: the ids are first seen here
@@ -100,18 +99,24 @@ def _router_losses(
     return kernel("router_losses_fwd", backend, router_losses_fwd)(logits_TE, topk_ids_TK, num_experts)
 
 
+_router_losses = torch.library.custom_op("finteam::router_losses", _router_losses_impl, mutates_args=())
+
+
 @_router_losses.register_fake
 def _(logits_TE, topk_ids_TK, num_experts, ids_checked, backend):
     return logits_TE.new_empty((), dtype=torch.float32), logits_TE.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("finteam::router_losses_backward", mutates_args=())
-def _router_losses_backward(
+def _router_losses_backward_impl(
     grad_aux: torch.Tensor, grad_z: torch.Tensor, logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor,
     num_experts: int, backend: str,
 ) -> torch.Tensor:
     return kernel("router_losses_bwd", backend, router_losses_bwd)(grad_aux, grad_z, logits_TE, topk_ids_TK,
                                                                    num_experts)
+
+
+_router_losses_backward = torch.library.custom_op(
+    "finteam::router_losses_backward", _router_losses_backward_impl, mutates_args=())
 
 
 @_router_losses_backward.register_fake
@@ -126,11 +131,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_aux, grad_z):
     logits_TE, topk_ids_TK = ctx.saved_tensors
-    grad_TE = _router_losses_backward(grad_aux, grad_z, logits_TE, topk_ids_TK, ctx.num_experts, ctx.backend)
+    backward_op = _router_losses_backward if traced() else _router_losses_backward_impl  # see eager_function
+    grad_TE = backward_op(grad_aux, grad_z, logits_TE, topk_ids_TK, ctx.num_experts, ctx.backend)
     return grad_TE, None, None, None, None
 
 
 _router_losses.register_autograd(_backward, setup_context=_setup_context)
+_router_losses_eager = eager_function(_router_losses_impl, _setup_context, _backward)
 
 
 def _check_arguments(logits_TE, topk_ids_TK, num_experts) -> bool:
@@ -167,4 +174,5 @@ def routed_losses(logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_expert
         return reference.router_losses(logits_TE, topk_ids_TK, num_experts)
     if direct_call(logits_TE):
         return RouterLosses(*kernel("router_losses_fwd", name, router_losses_fwd)(logits_TE, topk_ids_TK, num_experts))
-    return RouterLosses(*_router_losses(logits_TE, topk_ids_TK, num_experts, ids_checked, name))
+    run = _router_losses if traced(logits_TE) else _router_losses_eager
+    return RouterLosses(*run(logits_TE, topk_ids_TK, num_experts, ids_checked, name))

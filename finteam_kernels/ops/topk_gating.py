@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from .._types import Routing
 from ._triton import cdiv, device_guard, interpreting
 
@@ -81,13 +81,15 @@ def topk_gating_bwd(
     return grad_TE.to(logits_TE.dtype)
 
 
-@torch.library.custom_op("finteam::topk_gating", mutates_args=())
-def _topk_gating(
+def _topk_gating_impl(
     logits_TE: torch.Tensor, expert_bias_E: Optional[torch.Tensor], k: int, score: str, renormalize: bool,
     num_groups: int, topk_groups: int, scaling: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernel("topk_gating_fwd", backend, topk_gating_fwd)(
         logits_TE, expert_bias_E, k, score, renormalize, num_groups, topk_groups, scaling)
+
+
+_topk_gating = torch.library.custom_op("finteam::topk_gating", _topk_gating_impl, mutates_args=())
 
 
 @_topk_gating.register_fake
@@ -97,13 +99,16 @@ def _(logits_TE, expert_bias_E, k, score, renormalize, num_groups, topk_groups, 
             logits_TE.new_empty((E,), dtype=torch.int32))
 
 
-@torch.library.custom_op("finteam::topk_gating_backward", mutates_args=())
-def _topk_gating_backward(
+def _topk_gating_backward_impl(
     grad_weights_TK: torch.Tensor, logits_TE: torch.Tensor, ids_TK: torch.Tensor, score: str, renormalize: bool,
     scaling: float, backend: str,
 ) -> torch.Tensor:
     return kernel("topk_gating_bwd", backend, topk_gating_bwd)(
         grad_weights_TK, logits_TE, ids_TK, score, renormalize, scaling)
+
+
+_topk_gating_backward = torch.library.custom_op(
+    "finteam::topk_gating_backward", _topk_gating_backward_impl, mutates_args=())
 
 
 @_topk_gating_backward.register_fake
@@ -118,12 +123,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_weights_TK, _grad_ids, _grad_counts):
     logits_TE, ids_TK = ctx.saved_tensors
-    grad_TE = _topk_gating_backward(grad_weights_TK, logits_TE, ids_TK, ctx.score, ctx.renormalize, ctx.scaling,
+    backward_op = _topk_gating_backward if traced() else _topk_gating_backward_impl  # see eager_function
+    grad_TE = backward_op(grad_weights_TK, logits_TE, ids_TK, ctx.score, ctx.renormalize, ctx.scaling,
                                     ctx.backend)
     return grad_TE, None, None, None, None, None, None, None, None
 
 
 _topk_gating.register_autograd(_backward, setup_context=_setup_context)
+_topk_gating_eager = eager_function(_topk_gating_impl, _setup_context, _backward)
 
 
 def _check_arguments(logits_TE, k, score, renormalize, expert_bias, num_groups, topk_groups, scaling) -> None:
@@ -183,5 +190,6 @@ def routed_gating(logits_TE: torch.Tensor, k: int, score: str, renormalize: bool
     if direct_call(logits_TE):
         return Routing(*kernel("topk_gating_fwd", name, topk_gating_fwd)(
             logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups, float(scaling)))
-    return Routing(*_topk_gating(logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups,
+    run = _topk_gating if traced(logits_TE, expert_bias) else _topk_gating_eager
+    return Routing(*run(logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups,
                                  float(scaling), name))

@@ -9,7 +9,7 @@ Both directions write each output element from one program: deterministic, no at
 import torch
 
 from .. import _checks, reference
-from .._backend import direct_call, kernel, pick_backend
+from .._backend import direct_call, eager_function, kernel, pick_backend, traced
 from .._types import DispatchPlan
 from ._triton import cdiv, device_guard, interpreting
 
@@ -56,12 +56,14 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
     return grad_NH, grad_weights_TK
 
 
-@torch.library.custom_op("finteam::unpermute", mutates_args=())
-def _unpermute(y_NH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor,
+def _unpermute_impl(y_NH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor,
                topk_weights_TK: torch.Tensor, plan_checked: bool, backend: str) -> torch.Tensor:
     if not plan_checked:  # traced by torch.compile: the plan's values are first seen here
         _checks.check_rows("unpermute", row_to_slot_N, slot_to_row_N)
     return kernel("unpermute_fwd", backend, unpermute_fwd)(y_NH, slot_to_row_N, topk_weights_TK)
+
+
+_unpermute = torch.library.custom_op("finteam::unpermute", _unpermute_impl, mutates_args=())
 
 
 @_unpermute.register_fake
@@ -69,12 +71,14 @@ def _(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, plan_checked, backend
     return y_NH.new_empty((topk_weights_TK.shape[0], y_NH.shape[1]))
 
 
-@torch.library.custom_op("finteam::unpermute_backward", mutates_args=())
-def _unpermute_backward(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torch.Tensor,
+def _unpermute_backward_impl(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torch.Tensor,
                         slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(kernel("unpermute_bwd", backend, unpermute_bwd)(
         grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK))
+
+
+_unpermute_backward = torch.library.custom_op("finteam::unpermute_backward", _unpermute_backward_impl, mutates_args=())
 
 
 @_unpermute_backward.register_fake
@@ -89,12 +93,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_TH):
     y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK = ctx.saved_tensors
-    grad_NH, grad_weights_TK = _unpermute_backward(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK,
+    backward_op = _unpermute_backward if traced() else _unpermute_backward_impl  # see eager_function
+    grad_NH, grad_weights_TK = backward_op(grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK,
                                                    ctx.backend)
     return grad_NH, None, None, grad_weights_TK, None, None
 
 
 _unpermute.register_autograd(_backward, setup_context=_setup_context)
+_unpermute_eager = eager_function(_unpermute_impl, _setup_context, _backward)
 
 
 def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor, *,
@@ -116,4 +122,5 @@ def unpermute(y_NH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Ten
         return reference.unpermute(y_NH, plan, topk_weights_TK)
     if direct_call(y_NH, topk_weights_TK):
         return kernel("unpermute_fwd", name, unpermute_fwd)(y_NH, plan.slot_to_row_N, topk_weights_TK)
-    return _unpermute(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, plan_checked, name)
+    run = _unpermute if traced(y_NH, topk_weights_TK) else _unpermute_eager
+    return run(y_NH, plan.row_to_slot_N, plan.slot_to_row_N, topk_weights_TK, plan_checked, name)
