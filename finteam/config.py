@@ -170,8 +170,13 @@ class InstructConfig:
     # The team's peak tuning rate; 0 tunes it at train.lr, as every other model. The team has
     # three times a dense model's FFN parameters; docs/pipeline.md measures other rates.
     team_lr: float = setting(0.0, ge=0)
+    # Multiplies the peak rate of the team's expert FFN weights alone. Each expert's gradient sums
+    # only the tokens routed to it (K/E of them), so under AdamW its update carries a shared
+    # direction at about sqrt(K/E) of a dense FFN's signal; sqrt(E/K) (1.22 for top-2 of 3)
+    # makes up for it. docs/pipeline.md measures it.
+    expert_lr_scale: float = setting(1.0, gt=0)
 
-    TEAM_ONLY = ("trainable", "top_k", "router_aux_loss_coef", "team_lr")
+    TEAM_ONLY = ("trainable", "top_k", "router_aux_loss_coef", "team_lr", "expert_lr_scale")
 
     @classmethod
     def needs(cls, team: bool) -> tuple[str, ...]:

@@ -4,7 +4,8 @@ Loss on answers only (see batches.py), averaged per example by default (`instruc
 `example_loss`). The team routes `instruct.top_k` experts per token (0: as assembled), adds
 transformers' load-balancing loss weighted by `instruct.router_aux_loss_coef`, and runs its
 experts through `instruct.experts_implementation` ("finteam": our kernels), at the peak rate
-`instruct.team_lr` when it is set (else `instruct.train.lr`, as every model). With
+`instruct.team_lr` when it is set (else `instruct.train.lr`, as every model), its experts' weights
+at `instruct.expert_lr_scale` times that. With
 `distributed.expert_parallel` > 1 under torchrun, the team's experts are split over the ranks
 instead (parallel.py), with the same loss. `instruct.trainable` picks what learns in the team:
 all weights, the routers only, or routers plus attention (the cheap BTX variants), or all
@@ -26,7 +27,7 @@ from .checkpoint import load_model, save_model, stamp
 from .config import Recipe
 from .data import load_tasks
 from .progress import log
-from .expert_parallel import ExpertParallel, RouterLoss
+from .expert_parallel import ExpertParallel, RouterLoss, is_expert
 from .train import DataParallel, fit, model_loss, rank_and_size
 
 ROUTER = ".mlp.gate."
@@ -89,8 +90,10 @@ def run(recipe: Recipe, model_dir: Path, data_dir: Path, tokenizer, out: Path, s
     meta = stamp(recipe, label, seed=seed, source=str(model_dir))
     model.to(device)
     train = dataclasses.replace(cfg.train, lr=cfg.team_lr) if is_moe(model) and cfg.team_lr > 0 else cfg.train
+    scale = cfg.expert_lr_scale
+    lr_scale = (lambda name: scale if is_expert(name) else 1.0) if is_moe(model) and scale != 1.0 else None
     trained = fit(model, batches, train, out, meta, label, device, recipe.precision,
-                  recipe.model.gradient_checkpointing, parallel, loss_of)
+                  recipe.model.gradient_checkpointing, parallel, loss_of, lr_scale)
     weights = (parallel or DataParallel()).weights(model)
     if rank_and_size()[0] == 0:
         model.config.output_router_logits = False

@@ -111,11 +111,17 @@ def cosine(cfg: TrainConfig):
     return factor
 
 
-def optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def optimizer(model, cfg: TrainConfig, lr_scale=None) -> torch.optim.Optimizer:
+    """AdamW, with weight decay on matrices only. `lr_scale(name)` multiplies a parameter's peak
+    rate (the schedule scales every group alike); None or 1 keeps the two groups of old."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for scale in sorted({lr_scale(name) for name, _ in named} if lr_scale else {1.0}):
+        params = [p for name, p in named if (lr_scale(name) if lr_scale else 1.0) == scale]
+        extra = {} if scale == 1.0 else {"lr": cfg.lr * scale}
+        pair = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+        groups += [g for g in pair if g["params"] or not extra]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -148,18 +154,18 @@ def model_loss(model, batch: dict) -> torch.Tensor:
 
 def fit(model, batches, cfg: TrainConfig, out: Path, meta: dict, label: str, device: torch.device,
         precision: str = "auto", checkpointing: bool = False, parallel: DataParallel | None = None,
-        loss_of=model_loss) -> Trained:
+        loss_of=model_loss, lr_scale=None) -> Trained:
     """Train `model` on `batches` for `cfg.steps` optimizer steps, resuming from `out/checkpoints`
     (`checkpointing`: recompute activations in the backward, for models whose activations
     would not fit; `parallel`: how ranks split the model, plain FSDP2 by default; `loss_of(model,
-    batch)`: the training loss of a micro-batch)."""
+    batch)`: the training loss of a micro-batch; `lr_scale`: see `optimizer`)."""
     rank, size = rank_and_size()
     parallel = parallel or DataParallel()
     if checkpointing:
         model.gradient_checkpointing_enable()
     if size > 1:
         parallel.shard(model)
-    opt = optimizer(model, cfg)
+    opt = optimizer(model, cfg, lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(cfg))
     ckpt_dir = out / "checkpoints"
     trained = Trained(0, 0, 0.0)

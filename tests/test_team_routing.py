@@ -77,13 +77,15 @@ def test_team_only_settings_retune_the_team_only(tmp_path):
     in no dense model's: changing one leaves the finished baselines valid."""
     before = load_recipe("smoke", [f"out_dir={tmp_path}"])
     after = load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=0.0005", "instruct.top_k=1",
-                                  "instruct.trainable=all-but-router"])
+                                  "instruct.trainable=all-but-router", "instruct.expert_lr_scale=1.22"])
     team_needs, dense_needs = InstructConfig.needs(team=True), InstructConfig.needs(team=False)
     assert settings_of(before, team_needs) != settings_of(after, team_needs)
     assert settings_of(before, dense_needs) == settings_of(after, dense_needs)
     assert "instruct.train.lr" in settings_of(before, dense_needs)  # the shared fields stay in
     with pytest.raises(RecipeError, match=r"instruct\.team_lr must be >= 0"):
         load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.team_lr=-1"])
+    with pytest.raises(RecipeError, match=r"instruct\.expert_lr_scale must be > 0"):
+        load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.expert_lr_scale=0"])
 
 
 @pytest.mark.parametrize("team_lr, moe, want", [(0.0005, True, 0.0005), (0.0, True, None), (0.0005, False, None)])
@@ -118,3 +120,56 @@ def test_trainable_freezes_what_it_leaves_out(trainable):
             "all-but-router": everything - routers}[trainable]
     assert learning == want
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_expert_lr_scale_sets_the_rate_of_the_experts_weights_alone():
+    """optimizer(lr_scale): the experts' weights start at scale x lr, every other parameter at lr,
+    the schedule moves both alike; without a scale the groups are the two of old (decay, none)."""
+    from finteam.config import TrainConfig
+    from finteam.expert_parallel import is_expert
+    from finteam.train import cosine, optimizer
+
+    model = team(2, 0.02)
+    cfg = TrainConfig(steps=10, lr=0.001, warmup=2)
+    plain = optimizer(model, cfg)
+    assert [g["weight_decay"] for g in plain.param_groups] == [cfg.weight_decay, 0.0]
+    assert all(g["lr"] == cfg.lr for g in plain.param_groups)
+    opt = optimizer(model, cfg, lambda name: 1.5 if is_expert(name) else 1.0)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    experts = {name for name in named if is_expert(name)}
+    assert len(experts) == 2 * model.config.num_hidden_layers  # gate_up_proj and down_proj per layer
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
+    for name, p in named.items():
+        assert rate[id(p)] == pytest.approx(cfg.lr * (1.5 if name in experts else 1.0)), name
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(cfg))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    expert, other = named[next(iter(experts))], named["model.layers.0.mlp.gate.weight"]
+    assert lrs[id(expert)] / lrs[id(other)] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_expert_lr_scale_reaches_the_team_alone(prepared, tmp_path, monkeypatch, moe):  # noqa: F811
+    run = new_run(prepared, tmp_path / "run")
+    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=1", "instruct.expert_lr_scale=1.22",
+                                   "instruct.experts_implementation=eager"])
+    p = pipeline.Paths(recipe.run_dir)
+    tok = load_tokenizer(p.tokenizer)
+    dense = pretrain.base_model(recipe, tok, seed=0)
+    model = MixtralForCausalLM(models.mixtral_config(dense.config, num_experts=3, top_k=2, aux_loss_coef=0.02)) \
+        if moe else dense
+    save_model(model, p.model(0, "moe") / "model", {"stage": "test"}, tok)
+    scales = []
+    real_fit = instruct.fit
+    monkeypatch.setattr(instruct, "fit", lambda *a: scales.append(a[-1]) or real_fit(*a))
+    instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
+                 torch.device("cpu"))
+    (lr_scale,) = scales
+    if not moe:
+        assert lr_scale is None
+    else:
+        assert lr_scale("model.layers.0.mlp.experts.gate_up_proj") == 1.22
+        assert lr_scale("model.layers.0.mlp.gate.weight") == lr_scale("model.embed_tokens.weight") == 1.0
