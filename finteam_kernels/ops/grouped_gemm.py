@@ -114,7 +114,7 @@ def grouped_gemm_bwd(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Ten
 
 
 def _grouped_gemm_impl(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_offsets_E1: torch.Tensor, offsets_checked: bool,
-                  backend: str) -> torch.Tensor:
+                       backend: str) -> torch.Tensor:
     if not offsets_checked:  # traced by torch.compile: the offsets are first seen here
         _checks.check_offset_values("grouped_gemm", "expert_offsets_E1", expert_offsets_E1, x_ND.shape[0])
     return kernel("grouped_gemm_fwd", backend, grouped_gemm_fwd)(x_ND, w_EOD, expert_offsets_E1)
@@ -129,7 +129,7 @@ def _(x_ND, w_EOD, expert_offsets_E1, offsets_checked, backend):
 
 
 def _grouped_gemm_backward_impl(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Tensor,
-                           expert_offsets_E1: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                expert_offsets_E1: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return kernel("grouped_gemm_bwd", backend, grouped_gemm_bwd)(grad_NO, x_ND, w_EOD, expert_offsets_E1)
 
 

@@ -113,9 +113,9 @@ def _forward(backend: str, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w
 
 
 def _moe_experts_impl(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                 w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
-                 ids_checked: bool, tokens_per_expert_E: Optional[torch.Tensor],
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, activation: str, needs_grad: bool,
+                      ids_checked: bool, tokens_per_expert_E: Optional[torch.Tensor],
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if not ids_checked:  # traced by torch.compile: the ids are first seen here
         _checks.check_ids("moe_experts", "topk_ids_TK", topk_ids_TK, w_gate_up_E2IH.shape[0])
     return _forward(backend, x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
@@ -240,4 +240,4 @@ def routed_experts(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_T
         t.requires_grad for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
     run = _moe_experts if traced(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI) else _moe_experts_eager
     return run(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activation, needs_grad,
-                        ids_checked, tokens_per_expert_E, name)[0]
+               ids_checked, tokens_per_expert_E, name)[0]

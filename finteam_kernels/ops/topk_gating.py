@@ -192,4 +192,4 @@ def routed_gating(logits_TE: torch.Tensor, k: int, score: str, renormalize: bool
             logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups, float(scaling)))
     run = _topk_gating if traced(logits_TE, expert_bias) else _topk_gating_eager
     return Routing(*run(logits_TE, expert_bias, k, score, renormalize, num_groups, topk_groups,
-                                 float(scaling), name))
+                        float(scaling), name))

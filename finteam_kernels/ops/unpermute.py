@@ -57,7 +57,7 @@ def unpermute_bwd(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torc
 
 
 def _unpermute_impl(y_NH: torch.Tensor, row_to_slot_N: torch.Tensor, slot_to_row_N: torch.Tensor,
-               topk_weights_TK: torch.Tensor, plan_checked: bool, backend: str) -> torch.Tensor:
+                    topk_weights_TK: torch.Tensor, plan_checked: bool, backend: str) -> torch.Tensor:
     if not plan_checked:  # traced by torch.compile: the plan's values are first seen here
         _checks.check_rows("unpermute", row_to_slot_N, slot_to_row_N)
     return kernel("unpermute_fwd", backend, unpermute_fwd)(y_NH, slot_to_row_N, topk_weights_TK)
@@ -72,8 +72,8 @@ def _(y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK, plan_checked, backend
 
 
 def _unpermute_backward_impl(grad_TH: torch.Tensor, y_NH: torch.Tensor, row_to_slot_N: torch.Tensor,
-                        slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                             slot_to_row_N: torch.Tensor, topk_weights_TK: torch.Tensor,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(kernel("unpermute_bwd", backend, unpermute_bwd)(
         grad_TH, y_NH, row_to_slot_N, slot_to_row_N, topk_weights_TK))
 
