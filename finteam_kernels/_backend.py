@@ -93,7 +93,7 @@ def eager_function(impl, setup_context, backward):
     """The autograd of a custom op without the custom op: a torch.autograd.Function that runs the
     op's own implementation `impl`, `setup_context` and `backward`, so the bits are the same. The
     custom op's Python dispatch and generated autograd cost about 200 us per forward+backward of
-    moe_experts on a 2-core AMD EPYC (Zen 4), 40% of the whole call at 8 tokens; an untraced
+    moe_experts on a 2-core AMD EPYC (Zen 4), 40% on top of the call at 8 tokens; an untraced
     call (see `traced`) does not need what they buy."""
 
     def forward(*args):
