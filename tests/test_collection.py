@@ -59,3 +59,15 @@ def test_a_missing_module_of_ours_keeps_its_traceback(tmp_path, module):
     out = run.stdout + run.stderr
     assert run.returncode != 0
     assert "Traceback" in out and "The README's test command" not in out
+
+
+def test_the_whole_suite_collects_with_warnings_as_errors():
+    """Importing every test module leaves nothing behind that a stricter run (`-W error`, as some
+    CI configurations use) turns into an error: an unclosed file read at import time, for one,
+    raised a ResourceWarning that crashed pytest after collection."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-W", "error", "-p",
+                          "no:cacheprovider", str(HERE)], capture_output=True, text=True, timeout=600,
+                         cwd=HERE.parent)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "tests collected" in out and "error" not in out.splitlines()[-1], out[-3000:]

@@ -103,7 +103,8 @@ def test_shipped_tables_are_well_formed():
     import os
 
     for path in glob.glob(os.path.join(configs.HERE, "*.json")):
-        data = json.load(open(path))
+        with open(path) as f:
+            data = json.load(f)
         assert os.path.basename(path) == configs.file_name(data["device"]), path
         assert {"triton", "torch", "date"} <= set(data), path
         for kind, families in (("gemm", kernels.GEMM_CONFIGS), ("wgrad", kernels.WGRAD_CONFIGS)):

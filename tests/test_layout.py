@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("finteam_kernels", "finteam")
@@ -36,7 +37,7 @@ def imports_of(name: str, path: str, known: dict[str, str]) -> set[str]:
     is_package = path.endswith("__init__.py")
     here = name if is_package else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(open(path).read(), path)):
+    for node in ast.walk(ast.parse(Path(path).read_text(), path)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

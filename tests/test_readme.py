@@ -1,11 +1,12 @@
 """The README's promises: its Python snippets run, and CI runs its test command verbatim."""
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md")).read()
+README = Path(ROOT, "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
@@ -19,7 +20,7 @@ def test_readme_has_exactly_two_commands_at_the_top():
 def test_ci_runs_the_readme_test_command():
     first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
     test_command = [line for line in first_block.splitlines() if line.endswith("pytest -q")][0]
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    ci = Path(ROOT, ".ci", "run").read_text()
     assert test_command in ci.splitlines(), "`.ci/run` must run the README's test command as written"
 
 
