@@ -114,10 +114,10 @@ def cosine(cfg: TrainConfig):
 def optimizer(model, cfg: TrainConfig, lr_scale=None) -> torch.optim.Optimizer:
     """AdamW, with weight decay on matrices only. `lr_scale(name)` multiplies a parameter's peak
     rate (the schedule scales every group alike); None or 1 keeps the two groups of old."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    scaled = [(p, lr_scale(name) if lr_scale else 1.0) for name, p in model.named_parameters() if p.requires_grad]
     groups = []
-    for scale in sorted({lr_scale(name) for name, _ in named} if lr_scale else {1.0}):
-        params = [p for name, p in named if (lr_scale(name) if lr_scale else 1.0) == scale]
+    for scale in sorted({s for _, s in scaled}):
+        params = [p for p, s in scaled if s == scale]
         extra = {} if scale == 1.0 else {"lr": cfg.lr * scale}
         pair = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]

@@ -28,14 +28,18 @@ def assert_same(direct, through_op):
         assert torch.equal(a, b.detach())
 
 
+def op_inputs(backend: str):
+    """Every op's inputs on a few tokens and a prime number of experts: E, K, logits_TE, x_TH,
+    w_gate_up_E2IH, w_down_EHI, ids_TK, weights_TK and the dispatch plan of the ids."""
+    T, E, K, H, I = 9, 5, 2, 16, 12
+    ids_TK = routed(T, K, E)
+    return (E, K, torch.randn(T, E), torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I), ids_TK,
+            torch.rand(T, K), fk.dispatch(ids_TK, E, backend=backend))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_direct_and_custom_op_calls_agree(backend):
-    T, E, K, H, I = 9, 5, 2, 16, 12  # a few tokens, prime E
-    logits_TE, x_TH = torch.randn(T, E), torch.randn(T, H)
-    w_gate_up_E2IH, w_down_EHI = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
-    ids_TK = routed(T, K, E)
-    weights_TK = torch.rand(T, K)
-    plan = fk.dispatch(ids_TK, E, backend=backend)
+    E, K, logits_TE, x_TH, w_gate_up_E2IH, w_down_EHI, ids_TK, weights_TK, plan = op_inputs(backend)
 
     assert_same(*both_ways(lambda l: fk.topk_gating(l, K, backend=backend), logits_TE))
     assert_same(*both_ways(lambda l: fk.router_losses(l, ids_TK, E, backend=backend), logits_TE))
@@ -73,12 +77,7 @@ def outputs_and_grads(fn, tensors, traced: bool):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_autograd_and_custom_op_agree_in_outputs_and_gradients(backend):
-    T, E, K, H, I = 9, 5, 2, 16, 12  # a few tokens, prime E
-    logits_TE, x_TH = torch.randn(T, E), torch.randn(T, H)
-    w_gate_up_E2IH, w_down_EHI = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
-    ids_TK = routed(T, K, E)
-    weights_TK = torch.rand(T, K)
-    plan = fk.dispatch(ids_TK, E, backend=backend)
+    E, K, logits_TE, x_TH, w_gate_up_E2IH, w_down_EHI, ids_TK, weights_TK, plan = op_inputs(backend)
     x_NH = fk.permute(x_TH, plan, backend=backend)
     cases = {
         "topk_gating": (lambda l: fk.topk_gating(l, K, backend=backend)[:1], logits_TE),

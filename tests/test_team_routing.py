@@ -88,10 +88,11 @@ def test_team_only_settings_retune_the_team_only(tmp_path):
         load_recipe("smoke", [f"out_dir={tmp_path}", "instruct.expert_lr_scale=0"])
 
 
-@pytest.mark.parametrize("team_lr, moe, want", [(0.0005, True, 0.0005), (0.0, True, None), (0.0005, False, None)])
-def test_team_lr_sets_the_rate_of_the_team_alone(prepared, tmp_path, monkeypatch, team_lr, moe, want):  # noqa: F811
+def fit_arguments(prepared, tmp_path, monkeypatch, setting: str, moe: bool):  # noqa: F811
+    """Tune a fresh team (or, `moe` False, a dense model) one step with `setting`: the recipe, and
+    the positional arguments instruct.run gave fit, per call."""
     run = new_run(prepared, tmp_path / "run")
-    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=1", f"instruct.team_lr={team_lr}",
+    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=1", setting,
                                    "instruct.experts_implementation=eager"])
     p = pipeline.Paths(recipe.run_dir)
     tok = load_tokenizer(p.tokenizer)
@@ -99,12 +100,18 @@ def test_team_lr_sets_the_rate_of_the_team_alone(prepared, tmp_path, monkeypatch
     model = MixtralForCausalLM(models.mixtral_config(dense.config, num_experts=3, top_k=2, aux_loss_coef=0.02)) \
         if moe else dense
     save_model(model, p.model(0, "moe") / "model", {"stage": "test"}, tok)
-    rates = []
+    calls = []
     real_fit = instruct.fit
-    monkeypatch.setattr(instruct, "fit", lambda model, batches, cfg, *a: rates.append(cfg.lr) or real_fit(model, batches, cfg, *a))
+    monkeypatch.setattr(instruct, "fit", lambda *a: calls.append(a) or real_fit(*a))
     instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
                  torch.device("cpu"))
-    assert rates == [want if want is not None else recipe.instruct.train.lr]
+    return recipe, calls
+
+
+@pytest.mark.parametrize("team_lr, moe, want", [(0.0005, True, 0.0005), (0.0, True, None), (0.0005, False, None)])
+def test_team_lr_sets_the_rate_of_the_team_alone(prepared, tmp_path, monkeypatch, team_lr, moe, want):  # noqa: F811
+    recipe, (call,) = fit_arguments(prepared, tmp_path, monkeypatch, f"instruct.team_lr={team_lr}", moe)
+    assert call[2].lr == (want if want is not None else recipe.instruct.train.lr)
 
 
 @pytest.mark.parametrize("trainable", ["all", "router", "router+attention", "all-but-router"])
@@ -153,21 +160,8 @@ def test_expert_lr_scale_sets_the_rate_of_the_experts_weights_alone():
 
 @pytest.mark.parametrize("moe", [True, False])
 def test_expert_lr_scale_reaches_the_team_alone(prepared, tmp_path, monkeypatch, moe):  # noqa: F811
-    run = new_run(prepared, tmp_path / "run")
-    recipe = load_recipe("smoke", [f"out_dir={run}", "instruct.train.steps=1", "instruct.expert_lr_scale=1.22",
-                                   "instruct.experts_implementation=eager"])
-    p = pipeline.Paths(recipe.run_dir)
-    tok = load_tokenizer(p.tokenizer)
-    dense = pretrain.base_model(recipe, tok, seed=0)
-    model = MixtralForCausalLM(models.mixtral_config(dense.config, num_experts=3, top_k=2, aux_loss_coef=0.02)) \
-        if moe else dense
-    save_model(model, p.model(0, "moe") / "model", {"stage": "test"}, tok)
-    scales = []
-    real_fit = instruct.fit
-    monkeypatch.setattr(instruct, "fit", lambda *a: scales.append(a[-1]) or real_fit(*a))
-    instruct.run(recipe, p.model(0, "moe") / "model", p.data, tok, p.tuned(0, "team"), 0, "instruct team",
-                 torch.device("cpu"))
-    (lr_scale,) = scales
+    _, (call,) = fit_arguments(prepared, tmp_path, monkeypatch, "instruct.expert_lr_scale=1.22", moe)
+    lr_scale = call[-1]
     if not moe:
         assert lr_scale is None
     else:
