@@ -84,11 +84,12 @@ REQUIRE_ALL = os.environ.get("FINTEAM_REQUIRE_TEST_DEPS", "0") == "1"
 _missing = []  # (module's node id, what is missing): the skipped modules, for the summary
 
 
-@pytest.hookimpl(wrapper=True)  # the report is mended before any hook counts it as an error
+# The report is mended before any hook counts it as an error. (An old-style hook wrapper: the
+# new-style `wrapper=True` needs pytest 8, and on an older one this file would not even load.)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
-    report = yield
-    _mend_missing_dependency(report)
-    return report
+    outcome = yield
+    _mend_missing_dependency(outcome.get_result())
 
 
 def _mend_missing_dependency(report) -> None:
