@@ -77,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    _leave_finished_distributed_run(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # `finteam` alone runs the whole pipeline
@@ -185,17 +191,29 @@ def _init_distributed(recipe) -> None:
 
 def _end_distributed(finished: bool) -> None:
     # Left to the interpreter's exit, gloo's worker threads can outlive the objects they use and
-    # abort the process after a finished run; destroying the group explicitly avoids that. A
-    # finished run first waits for every rank, so that no rank tears its connections down while
-    # another still uses them (one rank of a finished 2-process run aborted in teardown, "terminate
-    # called without an active exception", once in many runs without the barrier). No barrier
-    # after an error: the other ranks may never arrive (torchrun ends them when one rank fails).
+    # abort the process. A finished run waits for every rank, then leaves without that exit
+    # (_leave_finished_distributed_run). After an error the group is destroyed here, with no
+    # barrier: the other ranks may never arrive (torchrun ends them when one rank fails).
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if finished:
-            dist.barrier()
+            dist.barrier()  # and the group is left to _leave_finished_distributed_run
+            return
         dist.destroy_process_group()
+
+
+def _leave_finished_distributed_run(code: int) -> None:
+    """A rank of a finished distributed run ends here, past its lock and its last output, without
+    the interpreter's teardown: even after a barrier and destroy_process_group, one rank of a
+    finished 2-process run aborted in teardown ("terminate called without an active exception",
+    gloo's threads) about once in ten CI runs. Everything it wrote is saved and closed by now."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _generate(args, recipe) -> int:
