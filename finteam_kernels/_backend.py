@@ -77,12 +77,14 @@ def kernel(name: str, backend: str, triton_fn):
 
 
 def traced(*tensors: torch.Tensor | None) -> bool:
-    """True when torch.compile, AOTAutograd, a torch.func transform or a dispatch mode (fake
-    tensors, for one) sees this call, or an input is a tensor subclass: an op then goes through
-    its torch.library custom op, which all of those understand. Elsewhere an op that needs
-    autograd wires it itself (`eager_function`)."""
+    """True when torch.compile, AOTAutograd, a torch.func transform, a dispatch mode (fake
+    tensors, for one) or a torch function mode sees this call, or an input is a tensor subclass:
+    an op then goes through its torch.library custom op, which all of those understand.
+    Elsewhere an op that needs autograd wires it itself (`eager_function`). A function mode
+    counts even where it only watches (`with torch.device(...)` is one): it then sees the op as
+    one call of the custom op, not the kernels inside it, at the cost of the custom op's dispatch."""
     return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
             or any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors))
 
 

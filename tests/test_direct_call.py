@@ -2,8 +2,11 @@
 through a torch.autograd.Function of their own outside torch.compile and other tracing
 (`_backend.eager_function`), and through their torch.library custom op where something traces.
 All three must give the same bits, the last two the same gradients too."""
+import contextlib
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from backends import kernel_backends
 from routing import routed
@@ -60,11 +63,25 @@ class Transparent(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def outputs_and_grads(fn, tensors, traced: bool):
-    """fn's outputs and the gradients of a fixed random projection of them, with the ops traced
-    (custom ops) or not (eager autograd functions); the grad_fn names of the outputs."""
+class Watching(TorchFunctionMode):
+    """A torch function mode that runs every call as it is and keeps what it saw: with one
+    active the ops count as traced too (a tracer built on a function mode sees each op whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def outputs_and_grads(fn, tensors, mode=None):
+    """fn's outputs and the gradients of a fixed random projection of them, under `mode` (the ops
+    then take their custom ops) or none (eager autograd functions); the grad_fn names of the
+    outputs."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
-    with Transparent() if traced else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with mode if mode is not None else contextlib.nullcontext():
         out = fn(*leaves)
         out = out if isinstance(out, tuple) else (out,)
         floats = [o for o in out if o.requires_grad]
@@ -75,8 +92,9 @@ def outputs_and_grads(fn, tensors, traced: bool):
     return [o.detach() for o in out], [t.grad for t in leaves if t.requires_grad], names
 
 
+@pytest.mark.parametrize("mode", [Transparent, Watching])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eager_autograd_and_custom_op_agree_in_outputs_and_gradients(backend):
+def test_eager_autograd_and_custom_op_agree_in_outputs_and_gradients(backend, mode):
     E, K, logits_TE, x_TH, w_gate_up_E2IH, w_down_EHI, ids_TK, weights_TK, plan = op_inputs(backend)
     x_NH = fk.permute(x_TH, plan, backend=backend)
     cases = {
@@ -90,8 +108,11 @@ def test_eager_autograd_and_custom_op_agree_in_outputs_and_gradients(backend):
                         x_TH, weights_TK, w_gate_up_E2IH, w_down_EHI),
     }
     for op, (fn, *tensors) in cases.items():
-        eager_out, eager_grads, eager_names = outputs_and_grads(fn, tensors, traced=False)
-        op_out, op_grads, op_names = outputs_and_grads(fn, tensors, traced=True)
+        eager_out, eager_grads, eager_names = outputs_and_grads(fn, tensors)
+        watcher = mode()
+        op_out, op_grads, op_names = outputs_and_grads(fn, tensors, watcher)
+        if mode is Watching:  # it saw the op itself, not only the kernels inside it
+            assert f"finteam.{op}.default" in watcher.seen, (op, sorted(watcher.seen))
         # each way is the one asked for: the eager function is named after the op, the custom
         # op's autograd node after its schema
         assert eager_names == {f"{op}Backward"}, op
