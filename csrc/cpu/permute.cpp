@@ -17,6 +17,11 @@ namespace {
 // on a 2-core AMD EPYC (32 MB L3), bf16, T=4096, K=2, index_select as the yardstick in
 // alternating calls: at 16 MB (H=1024) streaming is 1.23-1.26x index_select against 0.91-0.98x,
 // at 64 MB 1.14x against 0.98x; at 8 MB it is 0.94x against 1.02x, at 2 MB 1.30x against 1.57x.
+// Measured again with outputs of 32 MiB and more from the block cache (alloc.h), each permute
+// followed by a read of its output, as the GEMM after it reads it (same machine, shuffled rounds,
+// streaming forced on and off): streamed / cached time 1.67x at 2 MiB, 1.59x at 4, 1.41x at 8
+// (below 16 MiB the rows written through the caches are still there for the reader), 0.91x at
+// 16 and 0.96x at 32. Permute alone, streaming wins from 4 MiB on; the reader is what sets 16.
 constexpr int64_t kStreamedOutputBytes = int64_t(16) << 20;
 
 }  // namespace
