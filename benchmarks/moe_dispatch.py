@@ -18,6 +18,9 @@ Inputs rotate through enough copies to span twice the last-level cache (within a
 budget); a roof fraction above 100% says the data stayed in cache all the same. On a CPU the
 providers of a cell are timed in alternating rounds, each from its own copy (runner.py
 run_cell_interleaved): a CPU's bandwidth drifts within seconds. On a GPU each is timed alone.
+In the training modes of moe_experts a yardstick runs too, aten-gemms: the expert
+computation's six GEMMs per expert alone, through ATen (providers.py); the targets give our
+time and the best peer's over it, which says how much of a cell is left above its GEMMs.
 Writes <out>/moe_dispatch.json (environment, ceilings, rows, skipped providers, targets),
 moe_dispatch.txt (the table) and moe_dispatch.png (time against tokens).
 """

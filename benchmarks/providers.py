@@ -22,6 +22,10 @@ Peers (a missing one is listed as skipped with the reason, never an error):
   scattermoe                            its GLU MLP (the expert computation)
   vllm                                  `fused_topk` and `fused_experts` (inference only)
   liger                                 Liger's fused MoE autograd function
+A yardstick, neither ours nor a peer (training modes only):
+  aten-gemms                            the expert computation's six GEMMs alone, through ATen,
+                                        per expert on rows grouped beforehand, into fresh outputs:
+                                        what an implementation made of ATen's GEMMs spends on them
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from torch import nn
 
 import finteam_kernels
 from finteam_kernels import _backend
-from harness import has_module
+from harness import has_module, random_tensor
 from shapes import MoEShape
 
 OURS = ("triton", "cuda", "cpu")
@@ -74,6 +78,7 @@ class Provider:
     why_unusable: Callable[[str, torch.device], str | None]
     graph_safe: bool = False  # no host sync: may be captured in a CUDA graph
     forward_only: bool = False
+    training_only: bool = False
     # Bytes a call moves beyond the op's own count, where a provider is known to (op, mode,
     # shape, experts hit, element size): lets the run skip cells that would take minutes.
     extra_bytes: Callable[[str, str, MoEShape, int, int], float] | None = None
@@ -256,6 +261,50 @@ def _torch_unusable(op: str, device: torch.device) -> str | None:
     return None if hasattr(torch, "_grouped_mm") else f"torch {torch.__version__} has no torch._grouped_mm"
 
 
+# --- the yardstick: the experts' GEMMs alone ---
+
+
+class _ExpertGemms(torch.autograd.Function):
+    """The six GEMMs of the expert computation per expert, and nothing else: forward
+    h = x_e @ W_gate_up[e]^T and y = a_e @ W_down[e]^T, backward the four products of their
+    gradients. The activation a_NI and its gradient dh_N2I are fixed stand-ins, so no gated
+    unit, gather, combine or routing-weight gradient is timed; the outputs are fresh tensors, as
+    ATen allocates them (our CPU backend reuses large ones: csrc/cpu/alloc.h)."""
+
+    @staticmethod
+    def forward(ctx, x_NH, w_gate_up_E2IH, w_down_EHI, offsets, a_NI, dh_N2I):
+        ctx.save_for_backward(x_NH, w_gate_up_E2IH, w_down_EHI, a_NI, dh_N2I)
+        ctx.offsets = offsets
+        h_N2I = x_NH.new_empty((x_NH.shape[0], w_gate_up_E2IH.shape[1]))
+        y_NH = x_NH.new_empty(x_NH.shape)
+        for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+            torch.mm(x_NH[lo:hi], w_gate_up_E2IH[e].t(), out=h_N2I[lo:hi])
+            torch.mm(a_NI[lo:hi], w_down_EHI[e].t(), out=y_NH[lo:hi])
+        return y_NH
+
+    @staticmethod
+    def backward(ctx, dy_NH):
+        x_NH, w_gate_up_E2IH, w_down_EHI, a_NI, dh_N2I = ctx.saved_tensors
+        dx_NH, da_NI = torch.empty_like(x_NH), torch.empty_like(a_NI)
+        dw_gate_up, dw_down = torch.empty_like(w_gate_up_E2IH), torch.empty_like(w_down_EHI)
+        for e, (lo, hi) in enumerate(zip(ctx.offsets[:-1], ctx.offsets[1:])):
+            torch.mm(dy_NH[lo:hi], w_down_EHI[e], out=da_NI[lo:hi])
+            torch.mm(dy_NH[lo:hi].t(), a_NI[lo:hi], out=dw_down[e])
+            torch.mm(dh_N2I[lo:hi], w_gate_up_E2IH[e], out=dx_NH[lo:hi])
+            torch.mm(dh_N2I[lo:hi].t(), x_NH[lo:hi], out=dw_gate_up[e])
+        return dx_NH, dw_gate_up, dw_down, None, None, None
+
+
+def _aten_gemms_experts(inp: Inputs, train: bool) -> Call:
+    K, I = inp.shape.top_k, inp.shape.intermediate
+    x_NH = inp.x_TH[inp.plan.row_to_slot_N.long() // K]  # the rows grouped by expert, untimed
+    offsets = inp.plan.expert_offsets_E1.tolist()
+    a_NI = random_tensor((x_NH.shape[0], I), x_NH.device, x_NH.dtype)
+    dh_N2I = random_tensor((x_NH.shape[0], 2 * I), x_NH.device, x_NH.dtype)
+    x, w_gate_up, w_down = _leaf(x_NH, train), _leaf(inp.w_gate_up_E2IH, train), _leaf(inp.w_down_EHI, train)
+    return Call(lambda: _ExpertGemms.apply(x, w_gate_up, w_down, offsets, a_NI, dh_N2I), _grads(train, x, w_gate_up, w_down))
+
+
 # --- GPU-only peers ---
 
 
@@ -372,7 +421,9 @@ def all_providers() -> list[Provider]:
         Provider("vllm", "peer", _vllm_builders(), _gpu_peer_unusable("vllm"), forward_only=True),
         Provider("liger", "peer", {"moe_experts": _liger_experts}, _gpu_peer_unusable("liger_kernel")),
     ]
-    return ours + [reference] + peers
+    yardstick = Provider("aten-gemms", "yardstick", {"moe_experts": _aten_gemms_experts}, lambda op, device: None,
+                         training_only=True)
+    return ours + [reference] + peers + [yardstick]
 
 
 def for_op(op: str, device: torch.device, shape: MoEShape | None = None) -> tuple[list[Provider], list[tuple[str, str]]]:

@@ -136,6 +136,10 @@ def _run_cell_all(op, mode, s, T, routing, usable, bank, itemsize, roof, plan, s
         if provider.forward_only and mode != "forward":
             skipped.append({"op": op, "shape": s.name, "provider": provider.name, "reason": "inference only: no backward"})
             continue
+        if provider.training_only and mode == "forward":
+            skipped.append({"op": op, "shape": s.name, "provider": provider.name,
+                            "reason": "a yardstick of training GEMMs: backward modes only"})
+            continue
         too_slow = _too_slow(provider, op, mode, s, hit, itemsize, roof, plan.quick)
         if too_slow:
             skipped.append({**cell, "provider": provider.name, "reason": too_slow})

@@ -30,7 +30,7 @@ def test_script_writes_table_json_and_plot(tmp_path):
         sys.executable, str(BENCH / "moe_dispatch.py"), "--quick",
         "--ops", "gating,permute,moe_experts", "--shapes", "team-llama3-8b",
         "--modes", "forward,forward+backward", "--tokens", "1,16", "--routings", "uniform",
-        "--providers", "reference,hf-eager,megablocks,vllm",
+        "--providers", "reference,hf-eager,megablocks,vllm,aten-gemms",
         # fp32: bf16 GEMMs are emulated, and ~50x slower, on a CPU without AVX-512; this test
         # checks what the script writes, not the speed of one dtype.
         "--dtype", "fp32", "--ceiling-mib", "64", "--out", str(tmp_path),
@@ -52,6 +52,10 @@ def test_script_writes_table_json_and_plot(tmp_path):
     cells = {(r["op"], r["mode"], r["tokens"], r["provider"]) for r in rows}
     assert ("moe_experts", "forward+backward", 16, "reference") in cells
     assert ("moe_experts", "forward", 1, "hf-eager") in cells
+    # the GEMM yardstick times the training modes only, and its line is in the targets
+    assert ("moe_experts", "forward+backward", 16, "aten-gemms") in cells
+    assert ("moe_experts", "forward", 16, "aten-gemms") not in cells
+    assert "time over the same GEMMs alone (aten-gemms)" in out
     for r in rows:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["gbs"] > 0 and r["roof_fraction"] > 0
@@ -64,6 +68,38 @@ def test_script_writes_table_json_and_plot(tmp_path):
 
     png = (tmp_path / "moe_dispatch.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemm_yardstick_runs_the_six_expert_gemms_and_nothing_else():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import providers
+    from workload import WeightBank, make_inputs
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    s = shapes.QUICK_SHAPES["olmoe-1b-7b"]
+    inp = make_inputs("moe_experts", s, 16, "empty", WeightBank(torch.device("cpu"), torch.float32))
+    call = providers.all_providers()[-1].builders["moe_experts"](inp, True)
+    with Ops() as ops:
+        y_NH = call.fn()
+        grads = torch.autograd.grad(y_NH, call.grad_inputs, torch.ones_like(y_NH))
+    gemms = [c for c in ops.calls if c == "mm"]
+    assert len(gemms) == 6 * s.num_experts  # two forward and four backward per expert, empty ones too
+    views_and_allocations = {"empty", "new_empty", "empty_like", "ones_like", "slice", "select", "t", "transpose", "detach"}
+    assert set(ops.calls) - {"mm"} <= views_and_allocations, ops.calls
+    assert [g.shape for g in grads] == [c.shape for c in call.grad_inputs]
+    # an expert without rows gets zero weight gradients (the "empty" routing leaves most of them so)
+    hit = torch.unique(inp.ids_TK).tolist()
+    idle = [e for e in range(s.num_experts) if e not in hit]
+    assert idle and all(grads[1][e].abs().sum() == 0 and grads[2][e].abs().sum() == 0 for e in idle)
 
 
 def test_expert_weights_counted_only_for_experts_hit():
