@@ -286,13 +286,13 @@ class _ExpertGemms(torch.autograd.Function):
     def backward(ctx, dy_NH):
         x_NH, w_gate_up_E2IH, w_down_EHI, a_NI, dh_N2I = ctx.saved_tensors
         dx_NH, da_NI = torch.empty_like(x_NH), torch.empty_like(a_NI)
-        dw_gate_up, dw_down = torch.empty_like(w_gate_up_E2IH), torch.empty_like(w_down_EHI)
+        dw_gate_up_E2IH, dw_down_EHI = torch.empty_like(w_gate_up_E2IH), torch.empty_like(w_down_EHI)
         for e, (lo, hi) in enumerate(zip(ctx.offsets[:-1], ctx.offsets[1:])):
             torch.mm(dy_NH[lo:hi], w_down_EHI[e], out=da_NI[lo:hi])
-            torch.mm(dy_NH[lo:hi].t(), a_NI[lo:hi], out=dw_down[e])
+            torch.mm(dy_NH[lo:hi].t(), a_NI[lo:hi], out=dw_down_EHI[e])
             torch.mm(dh_N2I[lo:hi], w_gate_up_E2IH[e], out=dx_NH[lo:hi])
-            torch.mm(dh_N2I[lo:hi].t(), x_NH[lo:hi], out=dw_gate_up[e])
-        return dx_NH, dw_gate_up, dw_down, None, None, None
+            torch.mm(dh_N2I[lo:hi].t(), x_NH[lo:hi], out=dw_gate_up_E2IH[e])
+        return dx_NH, dw_gate_up_E2IH, dw_down_EHI, None, None, None
 
 
 def _aten_gemms_experts(inp: Inputs, train: bool) -> Call:
