@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import ROLES, RecipeError, check_world, load_recipe
@@ -115,15 +116,16 @@ def _main(argv: list[str] | None) -> int:
 
 def run_folder(run: Path) -> Path:
     """`run`, created, once it is known to be a writable folder (a RecipeError otherwise), so
-    that a bad out_dir stops the run before any work."""
+    that a bad out_dir stops the run before any work. Each process probes with a file of its
+    own: torchrun's ranks check the same folder at the same moment, and with one shared name
+    a rank found its probe already unlinked by the other."""
     existing = next(p for p in [run, *run.parents] if p.exists() or p == Path(p.anchor))
     if existing.exists() and not existing.is_dir():
         raise RecipeError(f"out_dir {str(run)!r}: {existing} is a file, not a folder")
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".finteam-write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=run, prefix=".finteam-write-test-"):
+            pass
     except OSError as err:
         raise RecipeError(f"out_dir {str(run)!r} cannot be written ({err.strerror or err})") from None
     return run

@@ -156,6 +156,20 @@ def test_out_dir_that_cannot_be_written_stops_before_any_work(tmp_path, capsys):
     assert not list(tmp_path.glob("**/data"))
 
 
+def test_out_dir_probe_leaves_another_process_probe_alone(tmp_path):
+    """torchrun's ranks probe the same out_dir at once: one rank's check must not remove the
+    other's probe file (with one shared name, a rank failed with 'cannot be written (No such
+    file or directory)' on resuming a distributed run)."""
+    from finteam.cli import run_folder
+
+    others = [tmp_path / ".finteam-write-test", tmp_path / ".finteam-write-test-other"]
+    for other in others:  # another rank's probe, made and not yet removed
+        other.write_text("")
+    assert run_folder(tmp_path) == tmp_path
+    assert all(other.exists() for other in others)
+    assert sorted(tmp_path.iterdir()) == sorted(others)  # and its own probe is gone
+
+
 def conversations(path: Path, rows: list) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
