@@ -269,7 +269,9 @@ class _ExpertGemms(torch.autograd.Function):
     h = x_e @ W_gate_up[e]^T and y = a_e @ W_down[e]^T, backward the four products of their
     gradients. The activation a_NI and its gradient dh_N2I are fixed stand-ins, so no gated
     unit, gather, combine or routing-weight gradient is timed; the outputs are fresh tensors, as
-    ATen allocates them (our CPU backend reuses large ones: csrc/cpu/alloc.h)."""
+    ATen allocates them (our CPU backend reuses large ones: csrc/cpu/alloc.h). Not
+    reference.grouped_gemm under autograd: its cat and its weights' unbind/stack would be timed
+    as copies on top of the GEMMs. h_N2I is written only to be the first GEMM's output."""
 
     @staticmethod
     def forward(ctx, x_NH, w_gate_up_E2IH, w_down_EHI, offsets, a_NI, dh_N2I):

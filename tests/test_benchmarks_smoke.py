@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness  # benchmarks/ is on the tests' path (pyproject.toml: pythonpath)
+import providers
 import shapes
 from roofline import cost
+from workload import WeightBank, make_inputs
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -71,11 +74,6 @@ def test_script_writes_table_json_and_plot(tmp_path):
 
 
 def test_gemm_yardstick_runs_the_six_expert_gemms_and_nothing_else():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import providers
-    from workload import WeightBank, make_inputs
-
     class Ops(TorchDispatchMode):
         def __init__(self):
             super().__init__()
