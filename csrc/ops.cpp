@@ -14,6 +14,7 @@
 
 #include "cpu/common.h"
 #include "cpu/dot_bf16.h"
+#include "cpu/tile_f32.h"
 
 namespace finteam {
 namespace {
@@ -109,7 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
 
 std::string cpu_capability() {
   const std::string kernel = cpu::streaming_kernel();
-  return cpu::isa_name() + ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
+  // The bf16 streaming kernel comes last: tests read it as the text after "streaming: ".
+  return cpu::isa_name() + ", fp32 tiles: " + (cpu::tiled_f32_available() ? "avx512" : "none (ATen GEMM)") +
+         ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
 }
 
 }  // namespace

@@ -223,6 +223,52 @@ def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
         assert "fma" in ran
 
 
+def _moe_fp32_inference_args():
+    g = torch.Generator().manual_seed(0)
+    T, E, H, I = 150, 3, 45, 38  # 96-104 rows an expert: past the small-row GEMM, two tiles each
+    return [torch.randn(T, H, generator=g), torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1),
+            torch.rand(T, 2, generator=g), torch.randn(E, 2 * I, H, generator=g) / 7,
+            torch.randn(E, H, I, generator=g) / 6]
+
+
+def test_both_fp32_inference_paths_meet_the_tolerance(cpu_ext):
+    # fp32 experts with many rows, without grad: the tiled forward where the CPU has AVX-512,
+    # ATen's GEMMs with FINTEAM_CPU_F32_TILES=0 (as on other CPUs); chosen once per process.
+    code = """
+        import json, torch
+        from finteam_kernels import _ext
+        from test_ext import _moe_fp32_inference_args
+        assert _ext.load("cpu").usable
+        out = torch.ops.finteam.moe_experts_fwd(*_moe_fp32_inference_args(), "gelu", False)[0]
+        print(torch.ops.finteam.cpu_capability())
+        print(json.dumps(out.tolist()))
+    """
+    path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
+    variants = {"avx512": "1", "none (ATen GEMM)": "0"}
+    children = {
+        name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "FINTEAM_CPU_F32_TILES": value,
+                                    "PYTHONPATH": os.pathsep.join(path)})
+        for name, value in variants.items()
+    }
+    args = _moe_fp32_inference_args()
+    expected = reference.moe_experts(*[a.double() if a.is_floating_point() else a for a in args], "gelu").float()
+    ran = []
+    for name, child in children.items():
+        stdout, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr
+        capability, values = stdout.strip().splitlines()[-2:]
+        tiles = capability.split("fp32 tiles: ")[1].split(", bf16")[0]
+        if tiles != name:
+            assert name == "avx512" and not capability.startswith("avx512"), capability
+            continue  # no AVX-512 here: both children ran ATen's GEMMs
+        ran.append(name)
+        assert_close(torch.tensor(json.loads(values)), expected, name=name)
+    assert "none (ATen GEMM)" in ran
+    assert ("avx512" in ran) == cpu_ext.cpu_capability().startswith("avx512")
+
+
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
     # Each output of the weight-streaming kernels is one sum in a fixed order, whether the
     # expert's batch goes row by row, in tiles of weight rows or as leftovers: a token decodes to

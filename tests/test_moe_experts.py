@@ -154,6 +154,29 @@ def test_moe_experts_few_rows(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_moe_experts_fp32_inference_many_rows(backend, activation):
+    """fp32 without grad, experts past the small-row GEMM (32 rows): on an AVX-512 CPU the cpu
+    backend's tiled forward (tile_f32.h), elsewhere ATen's GEMMs. Row counts either side of a
+    tile (64) and of a register block (32 columns), an empty expert, one streamed; H=131 leaves
+    11 rows after the blocks of 12 W_down rows, I=67 one after the blocks of 6 gate rows; x with
+    a row stride (a view of wider rows) and tokens in shuffled order."""
+    counts, K, H, I = [0, 33, 64, 65, 200, 1, 131, 40], 2, 131, 67
+    g = torch.Generator().manual_seed(0)
+    ids = routed_counts(counts, K)
+    ids = ids[torch.randperm(ids.shape[0], generator=g)]
+    T, E = ids.shape[0], len(counts)
+    x = torch.randn(T, H + 5, generator=g)[:, 2:-3]
+    weights = torch.rand(T, K, generator=g)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w_down = torch.randn(E, H, I, generator=g) / I**0.5
+    with torch.no_grad():
+        actual = moe_experts(x, ids, weights, w_gate_up, w_down, activation, backend=backend)
+    expected = reference.moe_experts(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double(), activation)
+    assert_close(actual, expected.float(), name=f"fp32 inference {activation}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_experts_stride0_gradient(backend):
     """`out.sum().backward()` hands the backward a gradient with stride 0 in both dimensions."""
     x, ids, weights, w_gate_up, w_down = case("odd")

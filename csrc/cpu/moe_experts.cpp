@@ -38,6 +38,7 @@
 #include "glu.h"
 #include "mix.h"
 #include "rows.h"
+#include "tile_f32.h"
 
 namespace finteam::cpu {
 namespace {
@@ -199,12 +200,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   const bool bf16 = x.scalar_type() == at::kBFloat16, f32 = x.scalar_type() == at::kFloat;
   const int64_t row_limit = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
   const bool streaming = row_limit > 0 && s.H > 0 && s.I > 0;
-  std::vector<int64_t> streamed;
+  // Without grad, fp32 experts past the streaming kernels' rows take the tiled forward where the
+  // CPU has it (tile_f32.h); with grad the ATen path writes the h_N2I the backward needs.
+  const bool tiled = f32 && !needs_grad && tiled_f32_available();
+  std::vector<int64_t> streamed, tiled_experts;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) continue;
     if (streaming && M <= row_limit) {
       streamed.push_back(e);
+      continue;
+    }
+    if (tiled) {
+      tiled_experts.push_back(e);
       continue;
     }
     auto x_rows = at::empty({M, s.H}, x.options());
@@ -220,6 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     streaming_forward<c10::BFloat16>(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
   } else if (!streamed.empty()) {
     streaming_forward<float>(x, row_to_slot, s, w_gate_up, w_down, act, offsets, streamed, h_N2I, y_NH);
+  }
+  if (!tiled_experts.empty()) {
+    tiled_experts_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
+                      w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>());
   }
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
   return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
