@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
 std::string cpu_capability() {
   const std::string kernel = cpu::streaming_kernel();
   // The bf16 streaming kernel comes last: tests read it as the text after "streaming: ".
-  return cpu::isa_name() + ", fp32 tiles: " + (cpu::tiled_f32_available() ? "avx512" : "none (ATen GEMM)") +
+  return cpu::isa_name() + ", fp32 tiles: " + (cpu::tiled_f32_available() ? cpu::tiled_f32_kernel() : "none (ATen GEMM)") +
          ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
 }
 

@@ -231,9 +231,10 @@ def _moe_fp32_inference_args():
             torch.randn(E, H, I, generator=g) / 6]
 
 
-def test_both_fp32_inference_paths_meet_the_tolerance(cpu_ext):
-    # fp32 experts with many rows, without grad: the tiled forward where the CPU has AVX-512,
-    # ATen's GEMMs with FINTEAM_CPU_F32_TILES=0 (as on other CPUs); chosen once per process.
+def test_every_fp32_inference_path_meets_the_tolerance(cpu_ext):
+    # fp32 experts with many rows, without grad: the tiled forward (AVX-512 where the CPU has it,
+    # else AVX2, also forced on an AVX-512 CPU by lowering the ISA), or ATen's GEMMs with
+    # FINTEAM_CPU_F32_TILES=0 (as on CPUs without AVX2); chosen once per process.
     code = """
         import json, torch
         from finteam_kernels import _ext
@@ -244,29 +245,27 @@ def test_both_fp32_inference_paths_meet_the_tolerance(cpu_ext):
         print(json.dumps(out.tolist()))
     """
     path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
-    variants = {"avx512": "1", "none (ATen GEMM)": "0"}
+    variants = {"this CPU's": {}, "avx2": {"FINTEAM_CPU_ISA": "avx2"}, "off": {"FINTEAM_CPU_F32_TILES": "0"}}
     children = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "FINTEAM_CPU_F32_TILES": value,
-                                    "PYTHONPATH": os.pathsep.join(path)})
-        for name, value in variants.items()
+                               env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)})
+        for name, env in variants.items()
     }
     args = _moe_fp32_inference_args()
     expected = reference.moe_experts(*[a.double() if a.is_floating_point() else a for a in args], "gelu").float()
-    ran = []
+    isa = cpu_ext.cpu_capability().split(",")[0]
+    tiles = {}
     for name, child in children.items():
         stdout, stderr = child.communicate(timeout=120)
         assert child.returncode == 0, stderr
         capability, values = stdout.strip().splitlines()[-2:]
-        tiles = capability.split("fp32 tiles: ")[1].split(", bf16")[0]
-        if tiles != name:
-            assert name == "avx512" and not capability.startswith("avx512"), capability
-            continue  # no AVX-512 here: both children ran ATen's GEMMs
-        ran.append(name)
-        assert_close(torch.tensor(json.loads(values)), expected, name=name)
-    assert "none (ATen GEMM)" in ran
-    assert ("avx512" in ran) == cpu_ext.cpu_capability().startswith("avx512")
+        tiles[name] = capability.split("fp32 tiles: ")[1].split(", bf16")[0]
+        assert_close(torch.tensor(json.loads(values)), expected, name=f"{name} ({tiles[name]})")
+    none = "none (ATen GEMM)"
+    assert tiles["off"] == none
+    assert tiles["this CPU's"] == ("avx512" if isa.startswith("avx512") else "avx2" if isa == "avx2" else none)
+    assert tiles["avx2"] == ("avx2" if isa.startswith(("avx2", "avx512")) else none)
 
 
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):

@@ -156,8 +156,8 @@ def test_moe_experts_few_rows(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_moe_experts_fp32_inference_many_rows(backend, activation):
-    """fp32 without grad, experts past the small-row GEMM (32 rows): on an AVX-512 CPU the cpu
-    backend's tiled forward (tile_f32.h), elsewhere ATen's GEMMs. Row counts either side of a
+    """fp32 without grad, experts past the small-row GEMM (32 rows): on an AVX-512 or AVX2 CPU the
+    cpu backend's tiled forward (tile_f32.h), elsewhere ATen's GEMMs. Row counts either side of a
     tile (64) and of a register block (32 columns), an empty expert, one streamed; H=131 leaves
     11 rows after the blocks of 12 W_down rows, I=67 one after the blocks of 6 gate rows; x with
     a row stride (a view of wider rows) and tokens in shuffled order."""

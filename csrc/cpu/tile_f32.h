@@ -1,4 +1,4 @@
-// The fp32 experts forward for experts with many rows on an AVX-512 CPU, without ATen's GEMM.
+// The fp32 experts forward for experts with many rows on an AVX-512 or AVX2 CPU, without ATen's GEMM.
 //
 // Shape legend: H hidden, I expert intermediate, E experts, K top-k, N = T*K routed rows.
 //
@@ -12,7 +12,10 @@
 // activation is written once, already transposed, act^T [I, rows]: the down projection's input
 // as it needs it; W_down[e] @ act^T is stored back into y_NH's rows. Weights are read in place
 // (row-major [O, D], each element broadcast), so nothing is packed. Inference only: the
-// backward needs h_N2I in row order, which the ATen path writes as it goes.
+// backward needs h_N2I in row order, which the ATen path writes as it goes. (The backward's four
+// GEMMs on the same register blocks were measured too: read in place, its operands' power-of-two
+// row strides evict each other from L1, and with them packed the backward ran at 0.97-0.98x the
+// ATen path; not kept.)
 #pragma once
 
 #include <vector>
@@ -22,9 +25,10 @@
 
 namespace finteam::cpu {
 
-// Whether tiled_experts_f32 runs: on an AVX-512 CPU ("avx512" or "avx512_bf16" in isa_name()),
-// unless the environment sets FINTEAM_CPU_F32_TILES=0 (ATen's GEMMs then, as on other CPUs).
-bool tiled_f32_available();
+// The kernel tiled_experts_f32 runs: "avx512" (AVX-512 CPUs), "avx2" (AVX2 and FMA), or "" where
+// it does not run (other CPUs, or FINTEAM_CPU_F32_TILES=0: ATen's GEMMs then).
+const char* tiled_f32_kernel();
+inline bool tiled_f32_available() { return tiled_f32_kernel()[0] != '\0'; }
 
 // y_NH[r] = W_down[e] @ glu(W_gate_up[e] @ x_TH[row_to_slot[r] / K]) for every row r of each expert
 // e in `experts` (rows offsets[e] to offsets[e+1]), in fp32. x_TH rows have stride ldx; the weights

@@ -1,0 +1,80 @@
+// The kernels of tile_f32.cpp for one ISA. tile_f32.cpp includes this file once per ISA, each
+// time inside its own namespace and `#pragma GCC target` region, after defining there:
+//   Vec (the register type), kWidth (floats in one), kGateRows and kDownRows (rows per register
+//   block), and vzero, vload, vset1, vfmadd, vstore. So no include guard, on purpose.
+// Only plain loops and those helpers here: anything defined in this region is compiled for the
+// ISA, and a library template instantiated here could be merged with the baseline one.
+
+constexpr int64_t kCols = 2 * kWidth;  // columns per register block: two registers
+
+// acc[r][j] = sum_{d < D} w[r][d] * xt[d * kTileRows + kWidth j], for r < R, j < 2.
+template <int R>
+inline __attribute__((always_inline)) void block(const float* const (&w)[R], int64_t D, const float* xt,
+                                                 Vec (&acc)[R][2]) {
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    const Vec x0 = vload(xt + d * kTileRows), x1 = vload(xt + d * kTileRows + kWidth);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const Vec wv = vset1(w[r][d]);
+      acc[r][0] = vfmadd(wv, x0, acc[r][0]);
+      acc[r][1] = vfmadd(wv, x1, acc[r][1]);
+    }
+  }
+}
+
+// act^T rows [n0, n0+R) at columns [m0, m0+kCols): f(gate) * up from W_gate_up rows n0.. and I+n0..
+template <int R>
+void gate_up_block(const float* w, int64_t H, int64_t I, int64_t n0, const float* xt, int64_t m0, Activation act,
+                   float* actT) {
+  const float* rows[2 * R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = w + (n0 + r) * H;
+    rows[R + r] = w + (I + n0 + r) * H;
+  }
+  Vec acc[2 * R][2];
+  block<2 * R>(rows, H, xt + m0, acc);
+  alignas(64) float h[2 * R][kCols];
+  for (int r = 0; r < 2 * R; ++r) {
+    vstore(h[r], acc[r][0]);
+    vstore(h[r] + kWidth, acc[r][1]);
+  }
+  for (int r = 0; r < R; ++r) glu_f32(h[r], h[R + r], kCols, act, actT + (n0 + r) * kTileRows + m0);
+}
+
+// y^T rows [h0, h0+R) at columns [m0, m0+kCols) from W_down rows h0..
+template <int R>
+void down_block(const float* w, int64_t I, int64_t h0, const float* actT, int64_t m0, float* yT) {
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = w + (h0 + r) * I;
+  Vec acc[R][2];
+  block<R>(rows, I, actT + m0, acc);
+  for (int r = 0; r < R; ++r) {
+    vstore(yT + (h0 + r) * kTileRows + m0, acc[r][0]);
+    vstore(yT + (h0 + r) * kTileRows + m0 + kWidth, acc[r][1]);
+  }
+}
+
+// One task: rows [r0, r0 + M) of one expert (M <= kTileRows), into y rows r0.. (see tile_f32.h).
+void tile(const float* x, int64_t ldx, const int32_t* row_to_slot, int64_t K, const float* wgu, const float* wd,
+          int64_t H, int64_t I, Activation act, int64_t r0, int64_t M, float* y, float* xt, float* actT, float* yT) {
+  const int64_t cols = (M + kCols - 1) / kCols * kCols;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + (row_to_slot[r0 + m] / K) * ldx;
+    for (int64_t d = 0; d < H; ++d) xt[d * kTileRows + m] = row[d];
+  }
+  for (int64_t d = 0; d < H; ++d) {
+    for (int64_t m = M; m < cols; ++m) xt[d * kTileRows + m] = 0.f;  // padding columns: never stored
+  }
+  in_blocks<kGateRows>(0, I, [&]<int R>(int64_t n0) {
+    for (int64_t m0 = 0; m0 < cols; m0 += kCols) gate_up_block<R>(wgu, H, I, n0, xt, m0, act, actT);
+  });
+  in_blocks<kDownRows>(0, H, [&]<int R>(int64_t h0) {
+    for (int64_t m0 = 0; m0 < cols; m0 += kCols) down_block<R>(wd, I, h0, actT, m0, yT);
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    float* out = y + (r0 + m) * H;
+    for (int64_t h = 0; h < H; ++h) out[h] = yT[h * kTileRows + m];
+  }
+}
