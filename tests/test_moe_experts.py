@@ -155,9 +155,9 @@ def test_moe_experts_few_rows(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
-def test_moe_experts_fp32_many_rows(backend, activation):
-    """fp32 without grad and with, experts past the small-row GEMM (32 rows): on an AVX-512 or AVX2
-    CPU the cpu backend's tiled forward (tile_f32.h), elsewhere ATen's GEMMs. Row counts either side of a
+def test_moe_experts_fp32_inference_many_rows(backend, activation):
+    """fp32 without grad, experts past the small-row GEMM (32 rows): on an AVX-512 or AVX2 CPU the
+    cpu backend's tiled forward (tile_f32.h), elsewhere ATen's GEMMs. Row counts either side of a
     tile (64) and of a register block (32 columns), an empty expert, one streamed; H=131 leaves
     11 rows after the blocks of 12 W_down rows, I=67 one after the blocks of 6 gate rows; x with
     a row stride (a view of wider rows) and tokens in shuffled order."""
@@ -174,8 +174,6 @@ def test_moe_experts_fp32_many_rows(backend, activation):
         actual = moe_experts(x, ids, weights, w_gate_up, w_down, activation, backend=backend)
     expected = reference.moe_experts(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double(), activation)
     assert_close(actual, expected.float(), name=f"fp32 inference {activation}")
-    # With grad the tiled forward also stores h_N2I, which every gradient below is computed from.
-    check_against_reference(x, ids, weights, w_gate_up, w_down, activation, backend, f"fp32 many rows {activation}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

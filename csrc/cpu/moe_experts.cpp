@@ -12,7 +12,7 @@
 //     block of gate rows and the matching up rows for the expert's tokens, read in place from
 //     x (no gather), and writes the activation (and h, when the backward needs it): the GLU is
 //     the GEMM's epilogue. Pass 2 splits the down-projection rows the same way.
-//   - more rows in fp32, on an AVX-512 or AVX2 CPU: the tiled forward of
+//   - more rows in fp32 without grad, on an AVX-512 or AVX2 CPU: the tiled forward of
 //     tile_f32.h, every such expert's row tiles in one parallel pass (2-core AMD EPYC Zen 4,
 //     against the ATen path below: AVX-512 1.07-1.26x from H=128 I=256 to H=1024 I=2816; AVX2
 //     1.13x at H=128 I=256, 0.95-0.98x at H=512 I=1024). It saves each GEMM call's zero-fill,
@@ -205,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   const bool bf16 = x.scalar_type() == at::kBFloat16, f32 = x.scalar_type() == at::kFloat;
   const int64_t row_limit = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
   const bool streaming = row_limit > 0 && s.H > 0 && s.I > 0;
-  // fp32 experts past the streaming kernels' rows take the tiled forward where the CPU has it
-  // (tile_f32.h), which also writes h_N2I when the backward needs it.
-  const bool tiled = f32 && tiled_f32_available();
+  // Without grad, fp32 experts past the streaming kernels' rows take the tiled forward where the
+  // CPU has it (tile_f32.h); with grad the ATen path writes the h_N2I the backward needs.
+  const bool tiled = f32 && !needs_grad && tiled_f32_available();
   std::vector<int64_t> streamed, tiled_experts;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
@@ -236,8 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   }
   if (!tiled_experts.empty()) {
     tiled_experts_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
-                      w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>(),
-                      needs_grad ? h_N2I.data_ptr<float>() : nullptr);
+                      w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>());
   }
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
   return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
