@@ -19,14 +19,22 @@ else:
 
 import importlib.util  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 # torch is imported in the hooks, after pytest_configure has checked that it is there: a bare
 # interpreter gets the install command, not an ImportError from this file.
 INSTALL = "pip install torch==2.13.0 setuptools wheel && pip install --no-build-isolation '.[test]'"
-NOT_INSTALLED = f"the tests need torch and this package installed, as the README's test command does: {INSTALL}"
+NOT_INSTALLED = f"the tests need torch (and this package installed), as the README's test command does: {INSTALL}"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Plain `pytest` in a checkout that was never installed: the packages are imported from the
+# checkout itself, here and in the scripts the tests start (PYTHONPATH), without the compiled
+# library only an install builds (test_ext says so).
+if importlib.util.find_spec("finteam_kernels") is None:
+    sys.path.insert(0, ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 def _ours(module: str) -> bool:
@@ -44,7 +52,7 @@ def _seed():
 
 
 def pytest_configure(config):
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("finteam_kernels") is None:
+    if importlib.util.find_spec("torch") is None:
         pytest.exit(NOT_INSTALLED, returncode=4)
     config.addinivalue_line("markers", "library_only: a GPU test of the CUDA library's own compiled ops")
 
@@ -114,9 +122,26 @@ def _mend_missing_dependency(report) -> None:
     report.longrepr = (str(report.fspath), 0, line)
 
 
+# The same for a test that imports a missing package itself, or runs a script that does.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo.value if call.excinfo is not None else None
+    if not isinstance(error, ModuleNotFoundError) or not error.name or _ours(error.name.split(".")[0]):
+        return
+    cause = f"ModuleNotFoundError: No module named '{error.name}'"
+    if REQUIRE_ALL:
+        report.longrepr = f"{item.nodeid}: {cause}. The README's test command installs every test dependency: {INSTALL}"
+        return
+    _missing.append((item.nodeid, cause))
+    report.outcome = "skipped"
+    report.longrepr = (str(item.path), 0, f"{cause}. The README's test command installs every test dependency")
+
+
 def pytest_terminal_summary(terminalreporter):
     if _missing:
-        terminalreporter.write_sep("=", f"{len(_missing)} test modules skipped: a test dependency is missing",
+        terminalreporter.write_sep("=", f"{len(_missing)} test modules or tests skipped: a test dependency is missing",
                                    yellow=True)
         for nodeid, cause in _missing:
             terminalreporter.write_line(f"{nodeid}: {cause}")

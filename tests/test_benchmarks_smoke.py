@@ -24,6 +24,9 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_script_writes_table_json_and_plot(tmp_path):
+    import matplotlib  # noqa: F401  (the script plots; missing, the test is reported as a missing dependency)
+    import transformers  # noqa: F401  (its hf-eager provider)
+
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the script times real backends, never the interpreter
     # One thread: on a shared 2-core machine, two OpenMP threads per process turn every
@@ -162,6 +165,8 @@ def test_routings_have_their_shape(routing):
 
 
 def test_tiny_mixtral_script_compares_eager_and_finteam(tmp_path):
+    import transformers  # noqa: F401  (the script builds transformers' Mixtral)
+
     # The model-level numbers of the layer's documentation come from this script: it must run,
     # time both providers and find the two models' logits equal in fp32.
     env = dict(os.environ)

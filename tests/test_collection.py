@@ -39,7 +39,7 @@ def test_a_missing_dependency_skips_its_module_and_the_rest_runs(tmp_path, sourc
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert "1 passed, 1 skipped" in out
-    assert "1 test modules skipped: a test dependency is missing" in out
+    assert "1 test modules or tests skipped: a test dependency is missing" in out
     assert f"tests/test_needs.py: {what}" in out and "The README's test command installs them: pip install" in out
     assert "Traceback" not in out
 
@@ -51,6 +51,25 @@ def test_ci_fails_on_a_missing_dependency_with_one_line(tmp_path, source, what):
     assert run.returncode != 0
     assert f"test_needs.py: {what}. The README's test command installs every test dependency: pip install" in out
     assert "Traceback" not in out
+
+
+IMPORTED_IN_A_TEST = "def test_needs():\n    import no_such_package_4711\n"
+
+
+def test_a_test_that_imports_a_missing_dependency_is_skipped_with_one_line(tmp_path):
+    run = collect(tmp_path, IMPORTED_IN_A_TEST)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "1 passed, 1 skipped" in out
+    assert "tests/test_needs.py::test_needs: ModuleNotFoundError: No module named 'no_such_package_4711'" in out
+    assert "Traceback" not in out
+
+
+def test_ci_fails_a_test_that_imports_a_missing_dependency(tmp_path):
+    run = collect(tmp_path, IMPORTED_IN_A_TEST, require_all=True)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "1 failed, 1 passed" in out, out
+    assert "No module named 'no_such_package_4711'. The README's test command installs every test dependency" in out
 
 
 @pytest.mark.parametrize("module", ["finteam_kernels.no_such_module", "harness.no_such_module"])
@@ -65,6 +84,8 @@ def test_the_whole_suite_collects_with_warnings_as_errors():
     """Importing every test module leaves nothing behind that a stricter run (`-W error`, as some
     CI configurations use) turns into an error: an unclosed file read at import time, for one,
     raised a ResourceWarning that crashed pytest after collection."""
+    import numpy  # noqa: F401  (without it, importing torch warns, and -W error makes that an error)
+
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-W", "error", "-p",
                           "no:cacheprovider", str(HERE)], capture_output=True, text=True, timeout=600,
                          cwd=HERE.parent)
