@@ -4,8 +4,11 @@ degrades to one clear warning. (Each op's numbers are checked by the op's own te
 runs every backend in `backends.kernel_backends()`, `cpu` included.)
 
 FINTEAM_ALLOW_NO_EXT=1 declares an install without a compiler: then the tests that need the
-library are skipped instead of failing. Without it, a silent fallback to the reference fails.
+library are skipped instead of failing. So does a checkout that was never installed (plain
+`pytest` in a fresh clone: nothing built the library). Otherwise a silent fallback to the
+reference fails.
 """
+import importlib.metadata
 import inspect
 import io
 import json
@@ -25,6 +28,14 @@ from finteam_kernels.ops import (dispatch, grouped_gemm, moe_experts, permute, r
 from tolerance import assert_close
 
 ALLOW_NO_EXT = os.environ.get("FINTEAM_ALLOW_NO_EXT", "0") == "1"
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("finteam")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 # The launcher contract (csrc/README.md): op -> (argument name, schema type) in order.
 CONTRACT = {
@@ -64,6 +75,9 @@ def cpu_ext():
     if reason is not None:
         if ALLOW_NO_EXT:
             pytest.skip(f"FINTEAM_ALLOW_NO_EXT=1 and the CPU extension is not usable: {reason}")
+        if not _installed():
+            pytest.skip(f"this checkout is not installed, so its CPU extension is not built ({reason}); "
+                        "`pip install --no-build-isolation .` builds it")
         pytest.fail(f"the compiled CPU extension did not load after installation: {reason}")
     return torch.ops.finteam
 
@@ -184,38 +198,47 @@ STREAMING_VARIANTS = {
 }
 
 
-def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
-    # The kernel is chosen once per process, so each variant runs in a child (all at once).
-    code = """
+def _moe_experts_fwd_in_children(args_function: str, activation: str, variants: dict) -> dict:
+    """{variant: (cpu_capability, output)} of moe_experts_fwd (no grad) on test_ext.<args_function>()
+    in one child process per variant, with that variant's environment: the kernels are chosen
+    once per process. The children import the same finteam_kernels as this process."""
+    code = f"""
         import json, torch
         from finteam_kernels import _ext
-        from test_ext import _moe_decode_args
+        from test_ext import {args_function}
         assert _ext.load("cpu").usable
-        out = torch.ops.finteam.moe_experts_fwd(*_moe_decode_args(), "silu", False)[0]
+        out = torch.ops.finteam.moe_experts_fwd(*{args_function}(), "{activation}", False)[0]
         print(torch.ops.finteam.cpu_capability())
         print(json.dumps(out.float().tolist()))
     """
-    # The children import the same finteam_kernels as this process (installed or the checkout).
     path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
     children = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)})
-        for name, env in STREAMING_VARIANTS.items()
+        for name, env in variants.items()
     }
+    results = {}
+    for name, child in children.items():
+        stdout, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr
+        capability, values = stdout.strip().splitlines()[-2:]
+        results[name] = capability, torch.tensor(json.loads(values))
+    return results
+
+
+def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
     args = _moe_decode_args()
     expected = reference.moe_experts(*[a.float() if a.is_floating_point() else a for a in args])
     baseline = reference.moe_experts(*args)
     assert_close(cpu_ext.moe_experts_fwd(*args, "silu", False)[0], expected, baseline=baseline)
     ran = []
-    for name, child in children.items():
-        stdout, stderr = child.communicate(timeout=120)
-        assert child.returncode == 0, stderr
-        capability, values = stdout.strip().splitlines()[-2:]
+    for name, (capability, out) in _moe_experts_fwd_in_children("_moe_decode_args", "silu",
+                                                                  STREAMING_VARIANTS).items():
         if not capability.endswith(f"streaming: {name}"):
             continue  # this CPU cannot run that kernel
         ran.append(name)
-        assert_close(torch.tensor(json.loads(values)).to(torch.bfloat16), expected, baseline=baseline, name=name)
+        assert_close(out.to(torch.bfloat16), expected, baseline=baseline, name=name)
     assert "none (ATen GEMM)" in ran
     if cpu_ext.cpu_capability().startswith(("avx2", "avx512")):
         assert "avx2" in ran
@@ -234,34 +257,15 @@ def _moe_fp32_inference_args():
 def test_every_fp32_inference_path_meets_the_tolerance(cpu_ext):
     # fp32 experts with many rows, without grad: the tiled forward (AVX-512 where the CPU has it,
     # else AVX2, also forced on an AVX-512 CPU by lowering the ISA), or ATen's GEMMs with
-    # FINTEAM_CPU_F32_TILES=0 (as on CPUs without AVX2); chosen once per process.
-    code = """
-        import json, torch
-        from finteam_kernels import _ext
-        from test_ext import _moe_fp32_inference_args
-        assert _ext.load("cpu").usable
-        out = torch.ops.finteam.moe_experts_fwd(*_moe_fp32_inference_args(), "gelu", False)[0]
-        print(torch.ops.finteam.cpu_capability())
-        print(json.dumps(out.tolist()))
-    """
-    path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
+    # FINTEAM_CPU_F32_TILES=0 (as on CPUs without AVX2).
     variants = {"this CPU's": {}, "avx2": {"FINTEAM_CPU_ISA": "avx2"}, "off": {"FINTEAM_CPU_F32_TILES": "0"}}
-    children = {
-        name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)})
-        for name, env in variants.items()
-    }
     args = _moe_fp32_inference_args()
     expected = reference.moe_experts(*[a.double() if a.is_floating_point() else a for a in args], "gelu").float()
-    isa = cpu_ext.cpu_capability().split(",")[0]
     tiles = {}
-    for name, child in children.items():
-        stdout, stderr = child.communicate(timeout=120)
-        assert child.returncode == 0, stderr
-        capability, values = stdout.strip().splitlines()[-2:]
+    for name, (capability, out) in _moe_experts_fwd_in_children("_moe_fp32_inference_args", "gelu", variants).items():
         tiles[name] = capability.split("fp32 tiles: ")[1].split(", bf16")[0]
-        assert_close(torch.tensor(json.loads(values)), expected, name=f"{name} ({tiles[name]})")
+        assert_close(out, expected, name=f"{name} ({tiles[name]})")
+    isa = cpu_ext.cpu_capability().split(",")[0]
     none = "none (ATen GEMM)"
     assert tiles["off"] == none
     assert tiles["this CPU's"] == ("avx512" if isa.startswith("avx512") else "avx2" if isa == "avx2" else none)
