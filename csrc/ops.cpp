@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu/chunks_f32.h"
 #include "cpu/common.h"
 #include "cpu/dot_bf16.h"
 #include "cpu/tile_f32.h"
@@ -111,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
 std::string cpu_capability() {
   const std::string kernel = cpu::streaming_kernel();
   // The bf16 streaming kernel comes last: tests read it as the text after "streaming: ".
-  return cpu::isa_name() + ", fp32 tiles: " + (cpu::tiled_f32_available() ? cpu::tiled_f32_kernel() : "none (ATen GEMM)") +
+  return cpu::isa_name() + ", fp32 training chunks: " + (cpu::chunks_f32_enabled() ? "BLAS" : "none (ATen GEMM)") +
+         ", fp32 tiles: " + (cpu::tiled_f32_available() ? cpu::tiled_f32_kernel() : "none (ATen GEMM)") +
          ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
 }
 

@@ -13,6 +13,7 @@ import inspect
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ import finteam_kernels
 from finteam_kernels import _backend, _ext, reference
 from finteam_kernels.ops import (dispatch, grouped_gemm, moe_experts, permute, router_losses, topk_gating,
                                  unpermute)
+from test_moe_experts import _fp32_training_case
 from tolerance import assert_close
 
 ALLOW_NO_EXT = os.environ.get("FINTEAM_ALLOW_NO_EXT", "0") == "1"
@@ -211,20 +213,32 @@ def _moe_experts_fwd_in_children(args_function: str, activation: str, variants: 
         print(torch.ops.finteam.cpu_capability())
         print(json.dumps(out.float().tolist()))
     """
-    path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
-    children = {
-        name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)})
-        for name, env in variants.items()
-    }
+    children = {name: _start_child(code, env) for name, env in variants.items()}
     results = {}
     for name, child in children.items():
-        stdout, stderr = child.communicate(timeout=120)
-        assert child.returncode == 0, stderr
-        capability, values = stdout.strip().splitlines()[-2:]
+        capability, values = _last_two_lines(child)
         results[name] = capability, torch.tensor(json.loads(values))
     return results
+
+
+def _start_child(code: str, env: dict) -> subprocess.Popen:
+    """A Python child running `code` (dedented) with `env` added, importing the same
+    finteam_kernels as this process and this directory's test modules."""
+    path = [os.path.dirname(os.path.dirname(finteam_kernels.__file__)), os.path.dirname(__file__)]
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(path)})
+
+
+def _last_two_lines(child: subprocess.Popen) -> list:
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    return stdout.strip().splitlines()[-2:]
+
+
+def _run_child(code: str, env: dict) -> list:
+    """The last two lines `code` printed in a child process (see _start_child)."""
+    return _last_two_lines(_start_child(code, env))
 
 
 def test_every_bf16_streaming_path_meets_the_tolerance(cpu_ext):
@@ -270,6 +284,39 @@ def test_every_fp32_inference_path_meets_the_tolerance(cpu_ext):
     assert tiles["off"] == none
     assert tiles["this CPU's"] == ("avx512" if isa.startswith("avx512") else "avx2" if isa == "avx2" else none)
     assert tiles["avx2"] == ("avx2" if isa.startswith(("avx2", "avx512")) else none)
+
+
+def test_fp32_training_with_and_without_chunks_meets_the_tolerance(cpu_ext):
+    # fp32 experts with grad: the chunked forward and backward (chunks_f32.h) where the torch
+    # build exports the BLAS, and ATen's GEMMs with FINTEAM_CPU_CHUNKS=0; each in a child process
+    # (the choice is read once), the output and all four gradients against the fp64 reference.
+    code = """
+        import json, torch
+        from finteam_kernels import _ext, moe_experts
+        from test_moe_experts import _fp32_training_case
+        assert _ext.load("cpu").usable
+        x, ids, weights, w_gate_up, w_down, grad_out = _fp32_training_case(torch.Generator().manual_seed(0))
+        leaves = [t.requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+        out = moe_experts(leaves[0], ids, *leaves[1:], "silu", backend="cpu")
+        out.backward(grad_out)
+        print(torch.ops.finteam.cpu_capability())
+        print(json.dumps([t.tolist() for t in (out.detach(), *(t.grad for t in leaves))]))
+    """
+    x, ids, weights, w_gate_up, w_down, grad_out = _fp32_training_case(torch.Generator().manual_seed(0))
+    leaves = [t.double().requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+    out = reference.moe_experts(leaves[0], ids, *leaves[1:], "silu")
+    out.backward(grad_out.double())
+    expected = [out.detach(), *(t.grad for t in leaves)]
+    chunks = {}
+    for name, env in {"this build's": {}, "off": {"FINTEAM_CPU_CHUNKS": "0"}}.items():
+        capability, values = _run_child(code, env)
+        chunks[name] = capability.split("fp32 training chunks: ")[1].split(", fp32 tiles")[0]
+        for what, a, e in zip(("out", "x", "weights", "w_gate_up", "w_down"), json.loads(values), expected):
+            assert_close(torch.tensor(a), e.float(), name=f"{name} ({chunks[name]}): {what}")
+    assert chunks["off"] == "none (ATen GEMM)"
+    # The x86 wheels of torch link MKL and export its sgemm_.
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert chunks["this build's"] == "BLAS"
 
 
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):

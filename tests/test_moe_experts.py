@@ -4,6 +4,8 @@ on shapes chosen to break it; what transformers passes (int64 ids, bf16 routing 
 strided inputs and weights, stride-0 gradients, zero tokens, what the backward keeps, determinism;
 the reference itself against transformers' Mixtral experts and gradcheck; the custom ops,
 torch.compile(fullgraph=True), and the argument errors."""
+from functools import partial
+
 import pytest
 import torch
 from backends import kernel_backends
@@ -174,6 +176,39 @@ def test_moe_experts_fp32_inference_many_rows(backend, activation):
         actual = moe_experts(x, ids, weights, w_gate_up, w_down, activation, backend=backend)
     expected = reference.moe_experts(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double(), activation)
     assert_close(actual, expected.float(), name=f"fp32 inference {activation}")
+
+
+def _fp32_training_case(g):
+    """fp32 experts with grad at row counts around the cpu backend's chunks (128 rows) and the
+    backward's few-row mixes (16), an empty expert, one streamed forward (17, 1, 6 rows); H=131
+    and 2I=134 leave 3 rows after the weight-gradient blocks of 64; x and the incoming gradient
+    with a row stride, tokens in shuffled order."""
+    counts, K, H, I = [0, 17, 33, 64, 127, 128, 129, 257, 1, 40, 6], 2, 131, 67
+    ids = routed_counts(counts, K)
+    ids = ids[torch.randperm(ids.shape[0], generator=g)]
+    T, E = ids.shape[0], len(counts)
+    x = torch.randn(T, H + 5, generator=g)[:, 2:-3]
+    weights = torch.rand(T, K, generator=g)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w_down = torch.randn(E, H, I, generator=g) / I**0.5
+    grad_out = torch.randn(T, H + 3, generator=g)[:, 3:]
+    return x, ids, weights, w_gate_up, w_down, grad_out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_moe_experts_fp32_training_many_rows(backend, activation):
+    """fp32 with grad: the cpu backend's chunked forward and backward (chunks_f32.h) for experts
+    past its small-row paths, against the fp64 reference: the output and all four gradients."""
+    x, ids, weights, w_gate_up, w_down, grad_out = _fp32_training_case(torch.Generator().manual_seed(0))
+    results = []
+    for run, dtype in ((partial(moe_experts, backend=backend), torch.float32), (reference.moe_experts, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+        out = run(leaves[0], ids, *leaves[1:], activation)
+        out.backward(grad_out.to(dtype))
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for what, a, e in zip(("out", *GRADS), *results):
+        assert_close(a, e.float(), name=f"fp32 training {activation}: {what}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

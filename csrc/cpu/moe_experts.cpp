@@ -17,6 +17,9 @@
 //     against the ATen path below: AVX-512 1.07-1.26x from H=128 I=256 to H=1024 I=2816; AVX2
 //     1.13x at H=128 I=256, 0.95-0.98x at H=512 I=1024). It saves each GEMM call's zero-fill,
 //     packing and barrier, and the gated unit's pass over h in memory.
+//   - more rows in fp32 with grad, experts of at most 1 MB of weights (the tiny team's): the
+//     chunked forward of chunks_f32.h, every such expert's chunks of 128 rows in one parallel
+//     pass, each chunk's h written for the backward.
 //   - more rows otherwise: two GEMMs through ATen (gemm.h: oneDNN, or fp32 on widened
 //     operands where 16-bit GEMMs are slow) on the gathered rows, the gated unit between them
 //     in one vectorised pass.
@@ -29,18 +32,22 @@
 // which needs no second down-projection to recompute y. dx is reduced per token in slot order.
 // An expert with few rows (the common case in training fine-grained MoEs) takes its GEMMs as
 // sums of scaled rows (mix.h), every such expert's tasks in one parallel pass per step; one
-// with many goes to ATen. An expert with no rows gets exactly zero weight gradients.
+// with many goes to ATen, or in fp32 with small weights to the chunked backward of
+// chunks_f32.h (two parallel passes in all). An expert with no rows gets exactly zero weight
+// gradients.
 
 #include <cstring>
 #include <vector>
 
 #include "alloc.h"
+#include "chunks_f32.h"
 #include "dot_bf16.h"
 #include "dot_f32.h"
 #include "gemm.h"
 #include "checks.h"
 #include "ops_cpu.h"
 #include "glu.h"
+#include "grad_rows.h"
 #include "mix.h"
 #include "rows.h"
 #include "tile_f32.h"
@@ -208,7 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   // Without grad, fp32 experts past the streaming kernels' rows take the tiled forward where the
   // CPU has it (tile_f32.h); with grad the ATen path writes the h_N2I the backward needs.
   const bool tiled = f32 && !needs_grad && tiled_f32_available();
-  std::vector<int64_t> streamed, tiled_experts;
+  // With grad, they take the chunked forward (chunks_f32.h), which writes h_N2I as it goes.
+  const bool chunked = f32 && needs_grad && chunks_f32_available(s.N, s.H, s.I) && s.H > 0 && s.I > 0;
+  std::vector<int64_t> streamed, tiled_experts, chunked_experts;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
     if (M == 0) continue;
@@ -216,8 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
       streamed.push_back(e);
       continue;
     }
-    if (tiled) {
-      tiled_experts.push_back(e);
+    if (tiled || chunked) {
+      (tiled ? tiled_experts : chunked_experts).push_back(e);
       continue;
     }
     auto x_rows = at::empty({M, s.H}, x.options());
@@ -238,54 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     tiled_experts_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
                       w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>());
   }
+  if (!chunked_experts.empty()) {
+    chunked_forward_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
+                        w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, chunked_experts,
+                        h_N2I.data_ptr<float>(), y_NH.data_ptr<float>());
+  }
   auto out_TH = combine_rows(y_NH, slot_to_row_N, topk_weights_TK, s.K);
   return {out_TH, h_N2I, offsets_E1, row_to_slot_N, slot_to_row_N};
 }
 
 namespace {
-
-// Per row of one expert: the activation (for dW_down), <g, act> (the routing weight's
-// gradient) and dh (for dW_gate_up and dx), from h and g = dout @ W_down[e].
-template <Activation A, typename scalar_t>
-FINTEAM_SIMD void expert_grad_rows(const scalar_t* h, const scalar_t* g, const int32_t* row_to_slot,
-                                   const acc_type<scalar_t>* w, int64_t I, int64_t r0, int64_t r1, scalar_t* act_out,
-                                   scalar_t* dh_out, acc_type<scalar_t>* grad_w) {
-  using acc_t = acc_type<scalar_t>;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* gate = h + r * 2 * I;
-    const scalar_t* up = gate + I;
-    const scalar_t* gr = g + r * I;
-    scalar_t* a_row = act_out + r * I;
-    scalar_t* dgate = dh_out + r * 2 * I;
-    scalar_t* dup = dgate + I;
-    const int32_t slot = row_to_slot[r];
-    const acc_t wt = w[slot];
-    acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < I; ++i) {
-      acc_t f, df;
-      const acc_t a = vm::widen(gate[i]), u = vm::widen(up[i]), gv = vm::widen(gr[i]);
-      activation<A>(a, f, df);
-      dot += gv * f * u;
-      a_row[i] = vm::narrow<scalar_t>(f * u);
-      const acc_t da = wt * gv;
-      dgate[i] = vm::narrow<scalar_t>(da * u * df);
-      dup[i] = vm::narrow<scalar_t>(da * f);
-    }
-    grad_w[slot] = dot;
-  }
-}
-
-// dout rows scaled by their routing weights, in place: the gradient of the expert's output y.
-template <typename scalar_t>
-FINTEAM_SIMD void scale_rows(scalar_t* rows, int64_t H, const int32_t* row_to_slot, const acc_type<scalar_t>* w,
-                             int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_type<scalar_t> wt = w[row_to_slot[r]];
-#pragma omp simd
-    for (int64_t k = 0; k < H; ++k) rows[r * H + k] = vm::narrow<scalar_t>(wt * vm::widen(rows[r * H + k]));
-  }
-}
 
 // The GEMMs of the experts in `few` (each with at most kFewRows rows) as row mixes (mix.h), all
 // experts' tasks in one parallel pass: g = dout @ W_down[e] by column blocks of I.
@@ -363,10 +334,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   // Every row's dout and x in expert order, the incoming gradient of y, g, a and dh.
   auto dout_NH = empty_large({s.N, s.H}, x.options());
   auto x_NH = empty_large({s.N, s.H}, x.options());
-  if (s.N > 0 && s.H > 0) {
-    gather_rows(grad, row_to_slot, s.K, 0, s.N, dout_NH);
-    gather_rows(x, row_to_slot, s.K, 0, s.N, x_NH);
-  }
   auto g_NI = empty_large({s.N, s.I}, x.options());
   auto a_NI = empty_large({s.N, s.I}, x.options());
   auto dh_N2I = empty_large({s.N, 2 * s.I}, x.options());
@@ -380,40 +347,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
       (M <= kFewRows ? few : many).push_back(e);
     }
   }
-  for (int64_t e : many) {
-    auto g = g_NI.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-    gemm_out(g, dout_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), w_down[e]);
+  // fp32 experts with many rows take the chunked backward (chunks_f32.h); the rest pass
+  // through whole-batch steps, here over the rows in `rows`.
+  const bool chunked = !many.empty() && x.scalar_type() == at::kFloat &&
+                       chunks_f32_available(s.N, s.H, s.I) && s.H > 0 && s.I > 0;
+  std::vector<std::pair<int64_t, int64_t>> rows;
+  if (!chunked) {
+    rows.emplace_back(0, s.N);
+  } else {
+    for (int64_t e : few) rows.emplace_back(offsets[e], offsets[e + 1]);
+  }
+  if (s.H > 0) {
+    for (auto [r0, r1] : rows) {
+      auto dout = dout_NH.narrow(0, r0, r1 - r0), x_rows = x_NH.narrow(0, r0, r1 - r0);
+      gather_rows(grad, row_to_slot, s.K, r0, r1, dout);
+      gather_rows(x, row_to_slot, s.K, r0, r1, x_rows);
+    }
+  }
+  if (!chunked) {
+    for (int64_t e : many) {
+      auto g = g_NI.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
+      gemm_out(g, dout_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), w_down[e]);
+    }
   }
   FINTEAM_DISPATCH_FLOATS(x.scalar_type(), "moe_experts_bwd", [&] {
     if (!few.empty())
       few_rows_g<scalar_t>(s, dout_NH.const_data_ptr<scalar_t>(), w_down.const_data_ptr<scalar_t>(), offsets, few,
                            g_NI.data_ptr<scalar_t>());
-    with_activation(act, [&]<Activation A>() {
-      at::parallel_for(0, s.N, grain(16 * s.I), [&](int64_t r0, int64_t r1) {
-        expert_grad_rows<A, scalar_t>(h_all.const_data_ptr<scalar_t>(), g_NI.const_data_ptr<scalar_t>(), row_to_slot,
-                                      w.const_data_ptr<acc_type<scalar_t>>(), s.I, r0, r1, a_NI.data_ptr<scalar_t>(),
-                                      dh_N2I.data_ptr<scalar_t>(), grad_w.data_ptr<acc_type<scalar_t>>());
+    for (auto [first, last] : rows) {
+      at::parallel_for(first, last, grain(16 * s.I), [&](int64_t r0, int64_t r1) {
+        expert_grad_rows<scalar_t>(act, h_all.const_data_ptr<scalar_t>(), g_NI.const_data_ptr<scalar_t>(), row_to_slot,
+                                   w.const_data_ptr<acc_type<scalar_t>>(), s.I, r0, r1, a_NI.data_ptr<scalar_t>(),
+                                   dh_N2I.data_ptr<scalar_t>(), grad_w.data_ptr<acc_type<scalar_t>>());
       });
-    });
-    at::parallel_for(0, s.N, grain(s.H), [&](int64_t r0, int64_t r1) {
-      scale_rows<scalar_t>(dout_NH.data_ptr<scalar_t>(), s.H, row_to_slot, w.const_data_ptr<acc_type<scalar_t>>(), r0,
-                           r1);
-    });
+    }
+    for (auto [first, last] : rows) {
+      at::parallel_for(first, last, grain(s.H), [&](int64_t r0, int64_t r1) {
+        scale_rows<scalar_t>(dout_NH.data_ptr<scalar_t>(), s.H, row_to_slot, w.const_data_ptr<acc_type<scalar_t>>(),
+                             r0, r1);
+      });
+    }
     if (!few.empty())
       few_rows_grads<scalar_t>(s, dout_NH.const_data_ptr<scalar_t>(), x_NH.const_data_ptr<scalar_t>(),
                                a_NI.const_data_ptr<scalar_t>(), dh_N2I.const_data_ptr<scalar_t>(),
                                w_gate_up.const_data_ptr<scalar_t>(), offsets, few, grad_w_down.data_ptr<scalar_t>(),
                                grad_w_gate_up.data_ptr<scalar_t>(), dx_NH.data_ptr<scalar_t>());
   });
-  for (int64_t e : many) {
-    const int64_t first = offsets[e], M = offsets[e + 1] - first;
-    const auto dh = dh_N2I.narrow(0, first, M);
-    auto dw_down = grad_w_down[e];
-    gemm_out(dw_down, dout_NH.narrow(0, first, M).t(), a_NI.narrow(0, first, M));
-    auto dw_gate_up = grad_w_gate_up[e];
-    gemm_out(dw_gate_up, dh.t(), x_NH.narrow(0, first, M));
-    auto dx = dx_NH.narrow(0, first, M);
-    gemm_out(dx, dh, w_gate_up[e]);
+  if (chunked) {
+    chunked_backward_f32(grad.const_data_ptr<float>(), grad.stride(0), x.const_data_ptr<float>(), x.stride(0),
+                         w.const_data_ptr<float>(), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
+                         w_down.const_data_ptr<float>(), h_all.const_data_ptr<float>(), s.H, s.I, act, offsets, many,
+                         {dout_NH.data_ptr<float>(), x_NH.data_ptr<float>(), g_NI.data_ptr<float>(),
+                          a_NI.data_ptr<float>(), dh_N2I.data_ptr<float>(), dx_NH.data_ptr<float>(),
+                          grad_w.data_ptr<float>(), grad_w_gate_up.data_ptr<float>(), grad_w_down.data_ptr<float>()});
+  } else {
+    for (int64_t e : many) {
+      const int64_t first = offsets[e], M = offsets[e + 1] - first;
+      const auto dh = dh_N2I.narrow(0, first, M);
+      auto dw_down = grad_w_down[e];
+      gemm_out(dw_down, dout_NH.narrow(0, first, M).t(), a_NI.narrow(0, first, M));
+      auto dw_gate_up = grad_w_gate_up[e];
+      gemm_out(dw_gate_up, dh.t(), x_NH.narrow(0, first, M));
+      auto dx = dx_NH.narrow(0, first, M);
+      gemm_out(dx, dh, w_gate_up[e]);
+    }
   }
   auto grad_x = combine_rows(dx_NH, slot_to_row_N, at::Tensor(), s.K);
   return {grad_x, grad_w.to(topk_weights_TK.scalar_type()), grad_w_gate_up, grad_w_down};
