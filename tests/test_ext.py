@@ -357,8 +357,37 @@ def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
     assert torch.equal(x_NH, x_TH[row_to_slot_N.long() // K])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage (Linux)")
+def test_training_buffers_do_not_fault_in_again(cpu_ext):
+    # The tiny team's experts (fp32, 2048 routed rows: h, dh, g and the rows of 0.5-4 MiB) took
+    # 190-650 page faults a step from glibc's heap; from the block cache, none after the first.
+    import resource
+
+    g = torch.Generator().manual_seed(5)
+    T, K, E, H, I = 1024, 2, 3, 128, 256
+    x_TH = torch.randn(T, H, generator=g, requires_grad=True)
+    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    weights_TK = torch.rand(T, K, generator=g, requires_grad=True)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 11).requires_grad_()
+    w_down = (torch.randn(E, H, I, generator=g) / 16).requires_grad_()
+    grad_TH = torch.randn(T, H, generator=g)
+    inputs = (x_TH, weights_TK, w_gate_up, w_down)
+
+    def step():
+        out = finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu")
+        return torch.autograd.grad(out, inputs, grad_TH)
+
+    for _ in range(3):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+    assert faults < 16, f"{faults:.0f} page faults per forward and backward after warm-up"
+
+
 def test_large_outputs_come_from_the_block_cache(cpu_ext):
-    # Outputs of 32 MiB or more come from the library's cache of large blocks (csrc/cpu/alloc.h):
+    # Outputs of 256 KiB or more come from the library's cache of blocks (csrc/cpu/alloc.h):
     # the experts' weight gradients here are 64 and 32 MiB. A second backward gets the blocks the
     # first one freed, and its values match the reference as the first one's did; the profiler
     # sees the blocks; and they resize, change in place and pickle like any tensor.

@@ -5,6 +5,8 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/accumulate.h>
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -12,7 +14,14 @@
 namespace finteam::cpu {
 namespace {
 
-constexpr size_t kGranule = size_t{2} << 20;  // block sizes are rounded up to this
+// Block sizes are rounded up to a multiple of 2 MiB, below that of 64 KiB: a training loop asks
+// for the same sizes every step, and few distinct sizes let freed blocks serve them.
+constexpr size_t kGranule = size_t{2} << 20, kSmallGranule = size_t{64} << 10;
+
+size_t block_bytes(size_t n) {
+  const size_t granule = n >= kGranule ? kGranule : kSmallGranule;
+  return (std::max<size_t>(n, 1) + granule - 1) / granule * granule;
+}
 
 size_t cache_cap() {
   static const size_t cap = [] {
@@ -22,11 +31,18 @@ size_t cache_cap() {
   return cap;
 }
 
+// Blocks are mapped from the kernel, not taken from glibc's heap: cached blocks sitting in the
+// heap would change where glibc places (and trims) the process's other buffers.
+void* map_block(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
 // An allocator, not a wrapped pointer: a tensor from it resizes, shares and serialises like any.
 class BlockCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = (std::max<size_t>(n, 1) + kGranule - 1) / kGranule * kGranule;
+    const size_t bytes = block_bytes(n);
     void* data = nullptr;
     size_t live = 0, reserved = 0;
     {
@@ -39,7 +55,7 @@ class BlockCache final : public c10::Allocator {
       live = live_ += bytes;
       reserved = live_ + cached_;
     }
-    if (data == nullptr) data = std::aligned_alloc(64, bytes);
+    if (data == nullptr) data = map_block(bytes);
     if (data == nullptr) {
       std::lock_guard<std::mutex> lock(mutex_);
       live_ -= bytes;
@@ -77,7 +93,7 @@ class BlockCache final : public c10::Allocator {
       }
       reserved = live_ + cached_;
     }
-    if (!keep) std::free(data);
+    if (!keep) munmap(data, bytes);
     if (c10::memoryProfilingEnabled())
       c10::reportMemoryUsageToProfiler(data, -static_cast<int64_t>(bytes), live, reserved, c10::Device(c10::kCPU));
   }
