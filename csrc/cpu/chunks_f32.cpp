@@ -5,11 +5,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 
 #include "grad_rows.h"
+#include "rows.h"
 
 namespace finteam::cpu {
 namespace {
@@ -76,9 +76,11 @@ std::vector<std::pair<int64_t, int64_t>> chunks(const std::vector<int64_t>& offs
   return tasks;
 }
 
+// Rows r0..r1 of x (stride ldx) in expert order, into dense rows of H at `out`.
 void gather(const float* x, int64_t ldx, const int32_t* row_to_slot, int64_t K, int64_t H, int64_t r0, int64_t r1,
             float* out) {
-  for (int64_t r = r0; r < r1; ++r) std::memcpy(out + (r - r0) * H, x + (row_to_slot[r] / K) * ldx, H * sizeof(float));
+  constexpr int64_t f = sizeof(float);
+  gather_rows_serial(x, ldx * f, row_to_slot, K, H * f, r0, r1, out, H * f);
 }
 
 }  // namespace
@@ -92,7 +94,8 @@ bool chunks_f32_enabled() {
 }
 
 bool chunks_f32_available(int64_t N, int64_t H, int64_t I) {
-  return chunks_f32_enabled() && 3 * H * I * static_cast<int64_t>(sizeof(float)) <= kMaxExpertBytes &&
+  const int64_t weight_bytes = 3 * H * I * static_cast<int64_t>(sizeof(float));
+  return chunks_f32_enabled() && H > 0 && I > 0 && weight_bytes <= kMaxExpertBytes &&
          std::max({N, H, 2 * I}) < std::numeric_limits<int>::max();
 }
 

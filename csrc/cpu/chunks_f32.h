@@ -37,8 +37,8 @@ namespace finteam::cpu {
 // Whether the chunked steps are on: the torch build exports the BLAS sgemm, and FINTEAM_CPU_CHUNKS
 // is not 0 (read once; 0 keeps ATen's GEMMs, for comparison).
 bool chunks_f32_enabled();
-// Whether they take experts of this shape: on, an expert's weights within kMaxExpertBytes, and the
-// sizes within the BLAS's 32-bit arguments.
+// Whether they take experts of this shape: on, H and I not 0, an expert's weights within
+// kMaxExpertBytes, and the sizes within the BLAS's 32-bit arguments.
 bool chunks_f32_available(int64_t N, int64_t H, int64_t I);
 
 // The forward of each expert e in `experts`: y_NH[r] = W_down[e] @ glu(h_N2I[r]) with

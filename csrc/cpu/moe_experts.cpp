@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   // CPU has it (tile_f32.h); with grad the ATen path writes the h_N2I the backward needs.
   const bool tiled = f32 && !needs_grad && tiled_f32_available();
   // With grad, they take the chunked forward (chunks_f32.h), which writes h_N2I as it goes.
-  const bool chunked = f32 && needs_grad && chunks_f32_available(s.N, s.H, s.I) && s.H > 0 && s.I > 0;
+  const bool chunked = f32 && needs_grad && chunks_f32_available(s.N, s.H, s.I);
   std::vector<int64_t> streamed, tiled_experts, chunked_experts;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
@@ -349,8 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   }
   // fp32 experts with many rows take the chunked backward (chunks_f32.h); the rest pass
   // through whole-batch steps, here over the rows in `rows`.
-  const bool chunked = !many.empty() && x.scalar_type() == at::kFloat &&
-                       chunks_f32_available(s.N, s.H, s.I) && s.H > 0 && s.I > 0;
+  const bool chunked = !many.empty() && x.scalar_type() == at::kFloat && chunks_f32_available(s.N, s.H, s.I);
   std::vector<std::pair<int64_t, int64_t>> rows;
   if (!chunked) {
     rows.emplace_back(0, s.N);

@@ -67,10 +67,17 @@ void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t t
       gather_streamed(x, src_stride, row_to_slot_N, top_k, bytes, a, b, y + (a - r0) * out_stride, out_stride);
       return;
     }
-    for (int64_t r = a; r < b; ++r) {
-      std::memcpy(y + (r - r0) * out_stride, x + (row_to_slot_N[r] / top_k) * src_stride, bytes);
-    }
+    gather_rows_serial(x, src_stride, row_to_slot_N, top_k, bytes, a, b, y + (a - r0) * out_stride, out_stride);
   });
+}
+
+void gather_rows_serial(const void* x, int64_t x_stride, const int32_t* row_to_slot_N, int64_t top_k, int64_t bytes,
+                        int64_t r0, int64_t r1, void* out, int64_t out_stride) {
+  const char* src = static_cast<const char*>(x);
+  char* dst = static_cast<char*>(out);
+  for (int64_t r = r0; r < r1; ++r) {
+    std::memcpy(dst + (r - r0) * out_stride, src + (row_to_slot_N[r] / top_k) * x_stride, bytes);
+  }
 }
 
 namespace {
