@@ -357,20 +357,25 @@ def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
     assert torch.equal(x_NH, x_TH[row_to_slot_N.long() // K])
 
 
+def _experts_training_inputs(T, K, E, H, I, seed):
+    """fp32 moe_experts inputs that require grad, each token routed to K distinct experts, and
+    an incoming gradient: (x_TH, ids_TK, weights_TK, w_gate_up, w_down, grad_TH)."""
+    g = torch.Generator().manual_seed(seed)
+    x_TH = torch.randn(T, H, generator=g, requires_grad=True)
+    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    weights_TK = torch.rand(T, K, generator=g, requires_grad=True)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).requires_grad_()
+    w_down = (torch.randn(E, H, I, generator=g) / I**0.5).requires_grad_()
+    return x_TH, ids_TK, weights_TK, w_gate_up, w_down, torch.randn(T, H, generator=g)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage (Linux)")
 def test_training_buffers_do_not_fault_in_again(cpu_ext):
     # The tiny team's experts (fp32, 2048 routed rows: h, dh, g and the rows of 0.5-4 MiB) took
     # 190-650 page faults a step from glibc's heap; from the block cache, none after the first.
     import resource
 
-    g = torch.Generator().manual_seed(5)
-    T, K, E, H, I = 1024, 2, 3, 128, 256
-    x_TH = torch.randn(T, H, generator=g, requires_grad=True)
-    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
-    weights_TK = torch.rand(T, K, generator=g, requires_grad=True)
-    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 11).requires_grad_()
-    w_down = (torch.randn(E, H, I, generator=g) / 16).requires_grad_()
-    grad_TH = torch.randn(T, H, generator=g)
+    x_TH, ids_TK, weights_TK, w_gate_up, w_down, grad_TH = _experts_training_inputs(1024, 2, 3, 128, 256, seed=5)
     inputs = (x_TH, weights_TK, w_gate_up, w_down)
 
     def step():
@@ -393,14 +398,8 @@ def test_large_outputs_come_from_the_block_cache(cpu_ext):
     # sees the blocks; and they resize, change in place and pickle like any tensor.
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(3)
     T, K, E, H, I = 64, 2, 4, 1024, 2048
-    x_TH = torch.randn(T, H, generator=g, requires_grad=True)
-    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
-    weights_TK = torch.rand(T, K, generator=g, requires_grad=True)
-    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 32).requires_grad_()
-    w_down = (torch.randn(E, H, I, generator=g) / 45).requires_grad_()
-    grad_TH = torch.randn(T, H, generator=g)
+    x_TH, ids_TK, weights_TK, w_gate_up, w_down, grad_TH = _experts_training_inputs(T, K, E, H, I, seed=3)
     inputs = (x_TH, weights_TK, w_gate_up, w_down)
     expected = torch.autograd.grad(reference.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down), inputs, grad_TH)
 

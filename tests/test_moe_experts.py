@@ -163,15 +163,8 @@ def test_moe_experts_fp32_inference_many_rows(backend, activation):
     tile (64) and of a register block (32 columns), an empty expert, one streamed; H=131 leaves
     11 rows after the blocks of 12 W_down rows, I=67 one after the blocks of 6 gate rows; x with
     a row stride (a view of wider rows) and tokens in shuffled order."""
-    counts, K, H, I = [0, 33, 64, 65, 200, 1, 131, 40], 2, 131, 67
     g = torch.Generator().manual_seed(0)
-    ids = routed_counts(counts, K)
-    ids = ids[torch.randperm(ids.shape[0], generator=g)]
-    T, E = ids.shape[0], len(counts)
-    x = torch.randn(T, H + 5, generator=g)[:, 2:-3]
-    weights = torch.rand(T, K, generator=g)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    w_down = torch.randn(E, H, I, generator=g) / I**0.5
+    x, ids, weights, w_gate_up, w_down = _many_rows_case([0, 33, 64, 65, 200, 1, 131, 40], 131, 67, g)
     with torch.no_grad():
         actual = moe_experts(x, ids, weights, w_gate_up, w_down, activation, backend=backend)
     expected = reference.moe_experts(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double(), activation)
@@ -180,10 +173,19 @@ def test_moe_experts_fp32_inference_many_rows(backend, activation):
 
 def _fp32_training_case(g):
     """fp32 experts with grad at row counts around the cpu backend's chunks (128 rows) and the
-    backward's few-row mixes (16), an empty expert, one streamed forward (17, 1, 6 rows); H=131
-    and 2I=134 leave 3 rows after the weight-gradient blocks of 64; x and the incoming gradient
-    with a row stride, tokens in shuffled order."""
-    counts, K, H, I = [0, 17, 33, 64, 127, 128, 129, 257, 1, 40, 6], 2, 131, 67
+    backward's few-row mixes (16), an empty expert, one streamed forward (17, 1, 6 rows);
+    2I=300 gives a whole weight-gradient block of 256 rows and 44 left over, H=131 only a part
+    of one; x and the incoming gradient with a row stride, tokens in shuffled order."""
+    counts, H, I = [0, 17, 33, 64, 127, 128, 129, 257, 1, 40, 6], 131, 150
+    x, ids, weights, w_gate_up, w_down = _many_rows_case(counts, H, I, g)
+    grad_out = torch.randn(ids.shape[0], H + 3, generator=g)[:, 3:]
+    return x, ids, weights, w_gate_up, w_down, grad_out
+
+
+def _many_rows_case(counts, H, I, g):
+    """fp32 moe_experts inputs with counts[e] routed rows for expert e (K=2), tokens in shuffled
+    order, x a view with a row stride: (x, ids, weights, w_gate_up, w_down)."""
+    K = 2
     ids = routed_counts(counts, K)
     ids = ids[torch.randperm(ids.shape[0], generator=g)]
     T, E = ids.shape[0], len(counts)
@@ -191,8 +193,7 @@ def _fp32_training_case(g):
     weights = torch.rand(T, K, generator=g)
     w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
     w_down = torch.randn(E, H, I, generator=g) / I**0.5
-    grad_out = torch.randn(T, H + 3, generator=g)[:, 3:]
-    return x, ids, weights, w_gate_up, w_down, grad_out
+    return x, ids, weights, w_gate_up, w_down
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
