@@ -13,9 +13,10 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def collect(tmp_path, source: str, require_all: bool = False) -> subprocess.CompletedProcess:
+def collect(tmp_path, source: str, require_all: bool = False, without_torch: bool = False) -> subprocess.CompletedProcess:
     """Run a tree with this conftest, a module `source` and a module that passes, in a
-    checkout-like tree with a helper module (benchmarks/harness.py) that is not on the path."""
+    checkout-like tree with a helper module (benchmarks/harness.py) that is not on the path;
+    `without_torch`: in an interpreter where torch cannot be imported."""
     (tmp_path / "tests").mkdir()
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "harness.py").write_text("")
@@ -23,7 +24,10 @@ def collect(tmp_path, source: str, require_all: bool = False) -> subprocess.Comp
     (tmp_path / "tests" / "test_needs.py").write_text(source)
     (tmp_path / "tests" / "test_fine.py").write_text("def test_runs():\n    pass\n")
     env = {**os.environ, "FINTEAM_REQUIRE_TEST_DEPS": "1" if require_all else "0"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+    # None in sys.modules: `import torch` raises ModuleNotFoundError, find_spec says absent.
+    start = "import sys; sys.modules['torch'] = None; " if without_torch else "import sys; "
+    run_pytest = start + "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", run_pytest, "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
                            str(tmp_path / "tests")], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -53,6 +57,17 @@ def test_ci_fails_on_a_missing_dependency_with_one_line(tmp_path, source, what):
     assert "Traceback" not in out
 
 
+def test_without_torch_the_modules_that_need_it_are_skipped_and_the_rest_run(tmp_path):
+    run = collect(tmp_path, "import torch\n", without_torch=True)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "1 passed, 1 skipped" in out
+    # (with torch blocked the error reads "import of torch halted"; uninstalled, "No module named 'torch'")
+    assert any(line.startswith("tests/test_needs.py: ModuleNotFoundError:") and "torch" in line
+               for line in out.splitlines()), out
+    assert "Traceback" not in out
+
+
 IMPORTED_IN_A_TEST = "def test_needs():\n    import no_such_package_4711\n"
 
 
@@ -74,6 +89,8 @@ def test_ci_fails_a_test_that_imports_a_missing_dependency(tmp_path):
 
 @pytest.mark.parametrize("module", ["finteam_kernels.no_such_module", "harness.no_such_module"])
 def test_a_missing_module_of_ours_keeps_its_traceback(tmp_path, module):
+    if module.startswith("finteam_kernels"):
+        import torch  # noqa: F401  (importing finteam_kernels imports it: without it, a missing dependency)
     run = collect(tmp_path, f"import {module}\n")
     out = run.stdout + run.stderr
     assert run.returncode != 0
