@@ -10,6 +10,8 @@
 // not keep up with.
 // Per 32 weight elements and batch row a tile spends one vdpbf16ps, or two FMAs on weights
 // widened to fp32 (a shift and a mask per 32 weights, shared by the batch rows).
+// Batches of up to 4 rows take the vdpbf16ps kernel one weight row at a time instead
+// (DotTile::row_by_row): one stream read in memory order, which beats the tile's four.
 #include "dot_bf16.h"
 
 #include <cstdlib>
@@ -68,19 +70,67 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
   static constexpr int kMaxBatch = 4;
-  // A single batch row reads one weight row at a time, in memory order: 1-3% faster than 4-row
-  // tiles on the 2-core AMD EPYC (interleaved A/B), the same at 2-3 rows, slower from 4 on (there
-  // the tile's reuse of each weight load wins over one chain of dependent vdpbf16ps per row).
-  static constexpr int kRowByRowBatch = 1;
+  // Up to 4 batch rows read one weight row at a time, in memory order (row_by_row); from 5 on,
+  // tiles of 4 weight rows. On a 2-core AMD EPYC (family 26, Zen 5, AVX512-BF16; Mixtral-shaped
+  // experts, each call's time over a plain read of the same bytes in the same process, old and
+  // new builds alternating), against 4-row tiles from 2 batch rows on: T=8 0.97-0.98 of the read
+  // (0.87-0.92 before), T=16 0.85-0.95 (0.77-0.85), T=1 1.07-1.08 (0.97-1.04). The tiles' 4
+  // interleaved streams read memory slower than one: a 4-row tile against one batch row ran at
+  // 0.79 of the read, one row at a time at 1.01. From 5 batch rows the tiles win (8 to 13: 10%
+  // faster): a row spends M+1 loads on M vdpbf16ps, a tile M+4 on 4M.
+  static constexpr int kRowByRowBatch = 4;
+
+  // Rows [0, rows) of w against MB batch rows, one weight row at a time, each output summed in
+  // the tiles' order (so a token's bits do not depend on its batch). With more than one batch
+  // row, each step prefetches the next weight row into L2 and its own row 4 lines ahead into
+  // L1; a single batch row leaves it to the hardware prefetcher (3% faster at T=1 without).
+  // Two accumulators per batch row (even and odd steps, another order) measured no faster.
+  template <int MB>
+  FINTEAM_AVX512_BF16 static void row_by_row(const uint16_t* w, int64_t ldw, int64_t D, int64_t rows,
+                                             const uint16_t* const* x, float* out, int64_t ldo) {
+    constexpr int64_t kL1Ahead = 128;  // elements: 4 cache lines
+    for (int64_t o = 0; o < rows; ++o, w += ldw, ++out) {
+      __m512 acc[MB];
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      int64_t d = 0;
+      for (; d + 32 <= D; d += 32) {
+        if constexpr (MB > 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + ldw + d), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(w + d + kL1Ahead), _MM_HINT_T0);
+        }
+        const __m512i wv = _mm512_loadu_si512(w + d);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; ++m)
+          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x[m] + d));
+      }
+      if (d < D) {
+        const __mmask32 mask = tail_mask(D - d);
+        const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + d);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; ++m)
+          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + d));
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
+    }
+  }
+
+  static void rows(const uint16_t* w, int64_t ldw, int64_t D, int64_t rows, const uint16_t* const* x, int64_t M,
+                   float* out, int64_t ldo) {
+    switch (M) {
+      case 1: row_by_row<1>(w, ldw, D, rows, x, out, ldo); break;
+      case 2: row_by_row<2>(w, ldw, D, rows, x, out, ldo); break;
+      case 3: row_by_row<3>(w, ldw, D, rows, x, out, ldo); break;
+      default: row_by_row<4>(w, ldw, D, rows, x, out, ldo); break;
+    }
+  }
 
   template <int R, int MB>
   FINTEAM_AVX512_BF16 static inline __attribute__((always_inline)) void step(
       __m512 (&acc)[R][MB], const uint16_t* w, int64_t ldw, const uint16_t* const* x, int64_t d, __mmask32 mask) {
     __m512i wv[R];
-    // One weight row against one batch row reads memory in order, which the hardware prefetcher
-    // follows alone: without the software prefetches it ran 2-3% faster with 2 threads and 7%
-    // with 1 (T=1, Mixtral-shaped experts, calls in shuffled order on the 2-core AMD EPYC, Zen 4).
-    if constexpr (R > 1 || MB > 1) prefetch_tile<R>(w, ldw, d);
+    prefetch_tile<R>(w, ldw, d);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ldw + d);
 #pragma GCC unroll 4
@@ -228,15 +278,15 @@ void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const*
   }
 }
 
-// Rows [o0, o1) of w: whole tiles of 4 rows, then single rows; or all rows one by one for a
-// batch of at most Tile::kRowByRowBatch rows (each output's sum is the same either way).
+// Rows [o0, o1) of w: whole tiles of 4 rows, then single rows; or, for a batch of at most
+// Tile::kRowByRowBatch rows, Tile::rows one weight row at a time.
 template <typename Tile>
 void stream(const uint16_t* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const uint16_t* const* x,
             const float* wide, int64_t ldx, int64_t M, float* out, int64_t ldo) {
-  int64_t o = o0;
-  if (M <= Tile::kRowByRowBatch) {
-    for (; o < o1; ++o) tile_rows<Tile, 1>(w + o * ldw, ldw, D, x, wide, ldx, M, out + (o - o0), ldo);
+  if constexpr (Tile::kRowByRowBatch > 0) {
+    if (M <= Tile::kRowByRowBatch) return Tile::rows(w + o0 * ldw, ldw, D, o1 - o0, x, M, out, ldo);
   }
+  int64_t o = o0;
   for (; o + 4 <= o1; o += 4) tile_rows<Tile, 4>(w + o * ldw, ldw, D, x, wide, ldx, M, out + (o - o0), ldo);
   for (; o < o1; ++o) tile_rows<Tile, 1>(w + o * ldw, ldw, D, x, wide, ldx, M, out + (o - o0), ldo);
 }
