@@ -10,7 +10,7 @@
 // not keep up with.
 // Per 32 weight elements and batch row a tile spends one vdpbf16ps, or two FMAs on weights
 // widened to fp32 (a shift and a mask per 32 weights, shared by the batch rows).
-// Batches of up to 4 rows take the vdpbf16ps kernel one weight row at a time instead
+// Batches of up to 5 rows take the vdpbf16ps kernel one weight row at a time instead
 // (DotTile::row_by_row): one stream read in memory order, which beats the tile's four.
 #include "dot_bf16.h"
 
@@ -70,15 +70,16 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
   static constexpr int kMaxBatch = 4;
-  // Up to 4 batch rows read one weight row at a time, in memory order (row_by_row); from 5 on,
+  // Up to 5 batch rows read one weight row at a time, in memory order (row_by_row); from 6 on,
   // tiles of 4 weight rows. On a 2-core AMD EPYC (family 26, Zen 5, AVX512-BF16; Mixtral-shaped
   // experts, each call's time over a plain read of the same bytes in the same process, old and
   // new builds alternating), against 4-row tiles from 2 batch rows on: T=8 0.97-0.98 of the read
   // (0.87-0.92 before), T=16 0.85-0.95 (0.77-0.85), T=1 1.07-1.08 (0.97-1.04). The tiles' 4
   // interleaved streams read memory slower than one: a 4-row tile against one batch row ran at
-  // 0.79 of the read, one row at a time at 1.01. From 5 batch rows the tiles win (8 to 13: 10%
-  // faster): a row spends M+1 loads on M vdpbf16ps, a tile M+4 on 4M.
-  static constexpr int kRowByRowBatch = 4;
+  // 0.79 of the read, one row at a time at 1.01. With every expert at M rows, row by row against
+  // tiles: M=5 0.90-0.93 against 0.81-0.85, M=6 0.77 against 0.85, M=8 0.60 against 0.79 (a row
+  // spends M+1 loads on M vdpbf16ps, a tile 4+M on 4M).
+  static constexpr int kRowByRowBatch = 5;
 
   // Rows [0, rows) of w against MB batch rows, one weight row at a time, each output summed in
   // the tiles' order (so a token's bits do not depend on its batch). With more than one batch
@@ -91,7 +92,7 @@ struct DotTile {
     constexpr int64_t kL1Ahead = 128;  // elements: 4 cache lines
     for (int64_t o = 0; o < rows; ++o, w += ldw, ++out) {
       __m512 acc[MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
       int64_t d = 0;
       for (; d + 32 <= D; d += 32) {
@@ -100,18 +101,18 @@ struct DotTile {
           _mm_prefetch(reinterpret_cast<const char*>(w + d + kL1Ahead), _MM_HINT_T0);
         }
         const __m512i wv = _mm512_loadu_si512(w + d);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MB; ++m)
           acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x[m] + d));
       }
       if (d < D) {
         const __mmask32 mask = tail_mask(D - d);
         const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + d);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MB; ++m)
           acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + d));
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
     }
   }
@@ -122,7 +123,8 @@ struct DotTile {
       case 1: row_by_row<1>(w, ldw, D, rows, x, out, ldo); break;
       case 2: row_by_row<2>(w, ldw, D, rows, x, out, ldo); break;
       case 3: row_by_row<3>(w, ldw, D, rows, x, out, ldo); break;
-      default: row_by_row<4>(w, ldw, D, rows, x, out, ldo); break;
+      case 4: row_by_row<4>(w, ldw, D, rows, x, out, ldo); break;
+      default: row_by_row<5>(w, ldw, D, rows, x, out, ldo); break;
     }
   }
 
