@@ -343,10 +343,9 @@ def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
 
 
 @pytest.mark.parametrize("dtype, H", [(torch.bfloat16, 1024), (torch.float32, 520), (torch.float32, 1027)])
-def test_a_large_permute_streams_its_output_exactly(cpu_ext, dtype, H):
-    # From 16 MB of output on, permute writes past the caches (permute.cpp): 16-byte stores
-    # where each row starts 16-byte aligned (bf16 1024 and fp32 520 columns), plain copies where
-    # it does not (fp32 1027). Rows scattered over the whole input, every token twice.
+def test_a_large_permute_copies_every_row_exactly(cpu_ext, dtype, H):
+    # 16 MB of output and more, from the block cache (alloc.h), rows 16-byte aligned (bf16 1024
+    # and fp32 520 columns) and not (fp32 1027), gathered from all over the input, every token twice.
     T, K = 4096, 2
     g = torch.Generator().manual_seed(H)
     x_TH = torch.randn(T, H, generator=g).to(dtype)

@@ -3,9 +3,6 @@
 //
 // Shape legend: T tokens, H hidden, E experts, K top-k, N = T*K routed rows.
 #include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <vector>
 
 #include "alloc.h"
@@ -28,45 +25,13 @@ std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E
   return v;
 }
 
-namespace {
-
-// Rows [a, b) of gather_rows, row a written at y, with stores that bypass the caches: each row is
-// whole 16-byte vectors at a 16-byte aligned destination.
-void gather_streamed(const char* x, int64_t src_stride, const int32_t* row_to_slot_N, int64_t top_k, int64_t bytes,
-                     int64_t a, int64_t b, char* y, int64_t out_stride) {
-  for (int64_t r = a; r < b; ++r) {
-    // The source rows are scattered: the hardware prefetcher cannot guess the next one.
-    if (r + 4 < b) __builtin_prefetch(x + (row_to_slot_N[r + 4] / top_k) * src_stride);
-    const char* src = x + (row_to_slot_N[r] / top_k) * src_stride;
-    char* dst = y + (r - a) * out_stride;
-#if defined(__x86_64__)
-    for (int64_t i = 0; i < bytes; i += 16) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    }
-#else
-    std::memcpy(dst, src, bytes);
-#endif
-  }
-#if defined(__x86_64__)
-  _mm_sfence();  // the streamed stores are visible before the parallel region ends
-#endif
-}
-
-}  // namespace
-
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
-                 at::Tensor& out, bool streaming_stores) {
+                 at::Tensor& out) {
   const int64_t bytes = x_TH.size(1) * x_TH.element_size(), src_stride = x_TH.stride(0) * x_TH.element_size();
   const char* x = static_cast<const char*>(x_TH.const_data_ptr());
   char* y = static_cast<char*>(out.data_ptr());  // row r at y + (r - r0) * out_stride
   const int64_t out_stride = out.stride(0) * out.element_size();
-  const bool stream = streaming_stores && reinterpret_cast<uintptr_t>(y) % 16 == 0 && out_stride % 16 == 0 &&
-                      bytes % 16 == 0;
   at::parallel_for(r0, r1, grain(bytes), [&](int64_t a, int64_t b) {
-    if (stream) {
-      gather_streamed(x, src_stride, row_to_slot_N, top_k, bytes, a, b, y + (a - r0) * out_stride, out_stride);
-      return;
-    }
     gather_rows_serial(x, src_stride, row_to_slot_N, top_k, bytes, a, b, y + (a - r0) * out_stride, out_stride);
   });
 }

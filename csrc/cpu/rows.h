@@ -17,11 +17,9 @@ std::vector<int64_t> host_offsets(const at::Tensor& expert_offsets_E1, int64_t E
 // dst[i] = src[i] rounded to bf16 (nearest even), for i < n.
 void narrow_row(const float* src, int64_t n, c10::BFloat16* dst);
 
-// x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`. With
-// `streaming_stores`, `out` is written past the caches (x86): for an output that is not read
-// again soon and is too large to stay cached anyway (see permute.cpp).
+// x_NH[r] = x_TH[row_to_slot[r] / K] for r in [r0, r1), written to rows r - r0 of `out`.
 void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t top_k, int64_t r0, int64_t r1,
-                 at::Tensor& out, bool streaming_stores = false);
+                 at::Tensor& out);
 
 // gather_rows' copy on the calling thread, for callers already inside a parallel task: rows of
 // `bytes` bytes, x row row_to_slot_N[r] / top_k to out + (r - r0) * out_stride (strides in bytes).
