@@ -284,10 +284,12 @@ def test_every_fp32_inference_path_meets_the_tolerance(cpu_ext):
     assert tiles["avx2"] == ("avx2" if isa.startswith(("avx2", "avx512")) else none)
 
 
-def test_fp32_training_with_and_without_chunks_meets_the_tolerance(cpu_ext):
-    # fp32 experts with grad: the chunked forward and backward (chunks_f32.h) where the torch
-    # build exports the BLAS, and ATen's GEMMs with FINTEAM_CPU_CHUNKS=0; each in a child process
-    # (the choice is read once), the output and all four gradients against the fp64 reference.
+def test_every_fp32_training_path_meets_the_tolerance(cpu_ext):
+    # fp32 experts with grad, each way in a child process (the choices are read once), the output
+    # and all four gradients against the fp64 reference. Forward: the tiled forward writing h
+    # (tile_f32.h; AVX-512, or AVX2 by lowering the ISA) where the CPU has it, else the chunked one
+    # (chunks_f32.h; FINTEAM_CPU_F32_TILES=0), else ATen's GEMMs (both off). Backward: the chunks
+    # where the torch build exports the BLAS, else ATen's GEMMs (FINTEAM_CPU_CHUNKS=0).
     code = """
         import json, torch
         from finteam_kernels import _ext, moe_experts
@@ -305,16 +307,26 @@ def test_fp32_training_with_and_without_chunks_meets_the_tolerance(cpu_ext):
     out = reference.moe_experts(leaves[0], ids, *leaves[1:], "silu")
     out.backward(grad_out.double())
     expected = [out.detach(), *(t.grad for t in leaves)]
-    chunks = {}
-    for name, env in {"this build's": {}, "off": {"FINTEAM_CPU_CHUNKS": "0"}}.items():
-        capability, values = _run_child(code, env)
+    variants = {"this build's": {}, "chunks off": {"FINTEAM_CPU_CHUNKS": "0"},
+                "tiles off": {"FINTEAM_CPU_F32_TILES": "0"}, "avx2 tiles": {"FINTEAM_CPU_ISA": "avx2"},
+                "both off": {"FINTEAM_CPU_F32_TILES": "0", "FINTEAM_CPU_CHUNKS": "0"}}
+    children = {name: _start_child(code, env) for name, env in variants.items()}
+    chunks, tiles = {}, {}
+    for name, child in children.items():
+        capability, values = _last_two_lines(child)
         chunks[name] = capability.split("fp32 training chunks: ")[1].split(", fp32 tiles")[0]
+        tiles[name] = capability.split("fp32 tiles: ")[1].split(", bf16")[0]
         for what, a, e in zip(("out", "x", "weights", "w_gate_up", "w_down"), json.loads(values), expected):
-            assert_close(torch.tensor(a), e.float(), name=f"{name} ({chunks[name]}): {what}")
-    assert chunks["off"] == "none (ATen GEMM)"
+            assert_close(torch.tensor(a), e.float(), name=f"{name} (chunks {chunks[name]}, tiles {tiles[name]}): {what}")
+    assert chunks["chunks off"] == chunks["both off"] == "none (ATen GEMM)"
+    assert tiles["tiles off"] == tiles["both off"] == "none (ATen GEMM)"
+    isa = cpu_ext.cpu_capability().split(",")[0]
+    assert tiles["this build's"] == ("avx512" if isa.startswith("avx512") else "avx2" if isa == "avx2" else
+                                     "none (ATen GEMM)")
+    assert tiles["avx2 tiles"] == ("avx2" if isa.startswith(("avx2", "avx512")) else "none (ATen GEMM)")
     # torch builds with MKL (the x86 wheels) export its sgemm_, so the chunks run there.
     if torch.backends.mkl.is_available():
-        assert chunks["this build's"] == "BLAS"
+        assert chunks["this build's"] == chunks["tiles off"] == "BLAS"
 
 
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):

@@ -199,8 +199,9 @@ def _many_rows_case(counts, H, I, g):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_moe_experts_fp32_training_many_rows(backend, activation):
-    """fp32 with grad: the cpu backend's chunked forward and backward (chunks_f32.h) for experts
-    past its small-row paths, against the fp64 reference: the output and all four gradients."""
+    """fp32 with grad: the cpu backend's tiled forward writing h (tile_f32.h) and chunked backward
+    (chunks_f32.h) for experts past its small-row paths, against the fp64 reference: the output
+    and all four gradients (test_ext runs the other paths)."""
     x, ids, weights, w_gate_up, w_down, grad_out = _fp32_training_case(torch.Generator().manual_seed(0))
     results = []
     for run, dtype in ((partial(moe_experts, backend=backend), torch.float32), (reference.moe_experts, torch.float64)):

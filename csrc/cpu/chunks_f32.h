@@ -1,5 +1,7 @@
 // fp32 experts with many rows and small weights, in training: the forward and the backward in
 // chunks of an expert's rows, one parallel pass per step, each GEMM a single-threaded BLAS call.
+// Where the tiled forward runs (tile_f32.h: AVX2 and AVX-512 CPUs), it takes the forward and
+// writes h; the chunks then take the backward only.
 //
 // Shape legend: H hidden, I expert intermediate, E experts, K top-k, N = T*K routed rows (in
 // expert order: expert e owns rows offsets[e] to offsets[e+1]).

@@ -12,14 +12,17 @@
 //     block of gate rows and the matching up rows for the expert's tokens, read in place from
 //     x (no gather), and writes the activation (and h, when the backward needs it): the GLU is
 //     the GEMM's epilogue. Pass 2 splits the down-projection rows the same way.
-//   - more rows in fp32 without grad, on an AVX-512 or AVX2 CPU: the tiled forward of
-//     tile_f32.h, every such expert's row tiles in one parallel pass (2-core AMD EPYC Zen 4,
+//   - more rows in fp32, on an AVX-512 or AVX2 CPU: the tiled forward of tile_f32.h, every
+//     such expert's row tiles in one parallel pass (2-core AMD EPYC Zen 4, without grad,
 //     against the ATen path below: AVX-512 1.07-1.26x from H=128 I=256 to H=1024 I=2816; AVX2
 //     1.13x at H=128 I=256, 0.95-0.98x at H=512 I=1024). It saves each GEMM call's zero-fill,
-//     packing and barrier, and the gated unit's pass over h in memory.
-//   - more rows in fp32 with grad, experts of at most 1 MB of weights (the tiny team's): the
-//     chunked forward of chunks_f32.h, every such expert's chunks of 128 rows in one parallel
-//     pass, each chunk's h written for the backward.
+//     packing and barrier, and the gated unit's pass over h in memory. With grad it also
+//     writes h: at the tiny team's shape (fp32, H=128 I=256, 1024 tokens) on a 2-core AMD EPYC
+//     (Zen 5), where MKL's sgemm runs AVX2 code, the forward took 1.50-1.67 ms against the
+//     chunked forward's 2.49-2.65, forward and backward 6.5-6.9 against 7.5-8.0.
+//   - more rows in fp32 with grad on other CPUs (or FINTEAM_CPU_F32_TILES=0), experts of at
+//     most 1 MB of weights (the tiny team's): the chunked forward of chunks_f32.h, every such
+//     expert's chunks of 128 rows in one parallel pass, each chunk's h written for the backward.
 //   - more rows otherwise: two GEMMs through ATen (gemm.h: oneDNN, or fp32 on widened
 //     operands where 16-bit GEMMs are slow) on the gathered rows, the gated unit between them
 //     in one vectorised pass.
@@ -212,11 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   const bool bf16 = x.scalar_type() == at::kBFloat16, f32 = x.scalar_type() == at::kFloat;
   const int64_t row_limit = bf16 && skinny_gemm_available() ? skinny_max_rows() : f32 ? kSmallRowsF32 : 0;
   const bool streaming = row_limit > 0 && s.H > 0 && s.I > 0;
-  // Without grad, fp32 experts past the streaming kernels' rows take the tiled forward where the
-  // CPU has it (tile_f32.h); with grad the ATen path writes the h_N2I the backward needs.
-  const bool tiled = f32 && !needs_grad && tiled_f32_available();
-  // With grad, they take the chunked forward (chunks_f32.h), which writes h_N2I as it goes.
-  const bool chunked = f32 && needs_grad && chunks_f32_available(s.N, s.H, s.I);
+  // fp32 experts past the streaming kernels' rows take the tiled forward where the CPU has it
+  // (tile_f32.h), which with grad also writes the h_N2I the backward needs; elsewhere, with grad,
+  // the chunked forward (chunks_f32.h).
+  const bool tiled = f32 && tiled_f32_available();
+  const bool chunked = f32 && needs_grad && !tiled && chunks_f32_available(s.N, s.H, s.I);
   std::vector<int64_t> streamed, tiled_experts, chunked_experts;
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t first = offsets[e], M = offsets[e + 1] - first;
@@ -245,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   }
   if (!tiled_experts.empty()) {
     tiled_experts_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),
-                      w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>());
+                      w_down.const_data_ptr<float>(), s.H, s.I, act, offsets, tiled_experts, y_NH.data_ptr<float>(),
+                      needs_grad ? h_N2I.data_ptr<float>() : nullptr);
   }
   if (!chunked_experts.empty()) {
     chunked_forward_f32(x.const_data_ptr<float>(), x.stride(0), row_to_slot, s.K, w_gate_up.const_data_ptr<float>(),

@@ -81,7 +81,7 @@ const char* tiled_f32_kernel() { return tile_kernel().c_str(); }
 
 void tiled_experts_f32(const float* x_TH, int64_t ldx, const int32_t* row_to_slot, int64_t K, const float* w_gate_up,
                        const float* w_down, int64_t H, int64_t I, Activation act, const std::vector<int64_t>& offsets,
-                       const std::vector<int64_t>& experts, float* y_NH) {
+                       const std::vector<int64_t>& experts, float* y_NH, float* h_N2I) {
   TORCH_CHECK(tiled_f32_available(), "moe_experts: the tiled fp32 forward does not run on this CPU");
   const bool wide = tile_kernel() == "avx512";
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, first row)
@@ -98,9 +98,9 @@ void tiled_experts_f32(const float* x_TH, int64_t ldx, const int32_t* row_to_slo
         float* yT = actT + I * kTileRows;
         const float *wgu = w_gate_up + e * 2 * I * H, *wd = w_down + e * H * I;
         if (wide) {
-          avx512::tile(x_TH, ldx, row_to_slot, K, wgu, wd, H, I, act, r0, M, y_NH, xt, actT, yT);
+          avx512::tile(x_TH, ldx, row_to_slot, K, wgu, wd, H, I, act, r0, M, y_NH, h_N2I, xt, actT, yT);
         } else {
-          avx2::tile(x_TH, ldx, row_to_slot, K, wgu, wd, H, I, act, r0, M, y_NH, xt, actT, yT);
+          avx2::tile(x_TH, ldx, row_to_slot, K, wgu, wd, H, I, act, r0, M, y_NH, h_N2I, xt, actT, yT);
         }
       });
 }
@@ -110,7 +110,7 @@ void tiled_experts_f32(const float* x_TH, int64_t ldx, const int32_t* row_to_slo
 const char* tiled_f32_kernel() { return ""; }
 
 void tiled_experts_f32(const float*, int64_t, const int32_t*, int64_t, const float*, const float*, int64_t, int64_t,
-                       Activation, const std::vector<int64_t>&, const std::vector<int64_t>&, float*) {
+                       Activation, const std::vector<int64_t>&, const std::vector<int64_t>&, float*, float*) {
   TORCH_CHECK(false, "moe_experts: the tiled fp32 forward needs an x86-64 build");
 }
 

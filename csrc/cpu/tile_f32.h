@@ -11,11 +11,11 @@
 // computed as W_gate_up[e] @ x^T with the gated unit applied to the accumulators, so the
 // activation is written once, already transposed, act^T [I, rows]: the down projection's input
 // as it needs it; W_down[e] @ act^T is stored back into y_NH's rows. Weights are read in place
-// (row-major [O, D], each element broadcast), so nothing is packed. Inference only: the
-// backward needs h_N2I in row order, which the ATen path writes as it goes. (The backward's four
-// GEMMs on the same register blocks were measured too: read in place, its operands' power-of-two
-// row strides evict each other from L1, and with them packed the backward ran at 0.97-0.98x the
-// ATen path; not kept.)
+// (row-major [O, D], each element broadcast), so nothing is packed. With grad, the gate/up
+// block also stores its accumulators into the rows of h_N2I the backward reads. (The backward's
+// four GEMMs on the same register blocks were measured too, on a Zen 4 EPYC: read in place, its
+// operands' power-of-two row strides evict each other from L1, and with them packed the backward
+// ran at 0.97-0.98x the ATen path; not kept.)
 #pragma once
 
 #include <vector>
@@ -31,10 +31,11 @@ const char* tiled_f32_kernel();
 inline bool tiled_f32_available() { return tiled_f32_kernel()[0] != '\0'; }
 
 // y_NH[r] = W_down[e] @ glu(W_gate_up[e] @ x_TH[row_to_slot[r] / K]) for every row r of each expert
-// e in `experts` (rows offsets[e] to offsets[e+1]), in fp32. x_TH rows have stride ldx; the weights
-// are dense ([E, 2I, H] and [E, H, I]); y_NH is dense [N, H].
+// e in `experts` (rows offsets[e] to offsets[e+1]), in fp32, and, unless h_N2I is null, h_N2I[r] =
+// W_gate_up[e] @ x_TH[row_to_slot[r] / K] (for the backward). x_TH rows have stride ldx; the
+// weights are dense ([E, 2I, H] and [E, H, I]); y_NH [N, H] and h_N2I [N, 2I] are dense.
 void tiled_experts_f32(const float* x_TH, int64_t ldx, const int32_t* row_to_slot, int64_t K, const float* w_gate_up,
                        const float* w_down, int64_t H, int64_t I, Activation act, const std::vector<int64_t>& offsets,
-                       const std::vector<int64_t>& experts, float* y_NH);
+                       const std::vector<int64_t>& experts, float* y_NH, float* h_N2I);
 
 }  // namespace finteam::cpu

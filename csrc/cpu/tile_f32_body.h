@@ -25,9 +25,11 @@ inline __attribute__((always_inline)) void block(const float* const (&w)[R], int
 }
 
 // act^T rows [n0, n0+R) at columns [m0, m0+kCols): f(gate) * up from W_gate_up rows n0.. and I+n0..
+// With h_rows (training), also the pre-activations into the tile's rows of h_N2I, columns n0..
+// and I+n0.., for the tile's first M columns (the rest are padding).
 template <int R>
-void gate_up_block(const float* w, int64_t H, int64_t I, int64_t n0, const float* xt, int64_t m0, Activation act,
-                   float* actT) {
+void gate_up_block(const float* w, int64_t H, int64_t I, int64_t n0, const float* xt, int64_t m0, int64_t M,
+                   Activation act, float* actT, float* h_rows) {
   const float* rows[2 * R];
   for (int r = 0; r < R; ++r) {
     rows[r] = w + (n0 + r) * H;
@@ -39,6 +41,16 @@ void gate_up_block(const float* w, int64_t H, int64_t I, int64_t n0, const float
   for (int r = 0; r < 2 * R; ++r) {
     vstore(h[r], acc[r][0]);
     vstore(h[r] + kWidth, acc[r][1]);
+  }
+  if (h_rows != nullptr) {
+    const int64_t cols = M - m0 < kCols ? M - m0 : kCols;
+    for (int64_t c = 0; c < cols; ++c) {
+      float* dst = h_rows + (m0 + c) * 2 * I + n0;
+      for (int r = 0; r < R; ++r) {
+        dst[r] = h[r][c];
+        dst[I + r] = h[R + r][c];
+      }
+    }
   }
   for (int r = 0; r < R; ++r) glu_f32(h[r], h[R + r], kCols, act, actT + (n0 + r) * kTileRows + m0);
 }
@@ -56,9 +68,12 @@ void down_block(const float* w, int64_t I, int64_t h0, const float* actT, int64_
   }
 }
 
-// One task: rows [r0, r0 + M) of one expert (M <= kTileRows), into y rows r0.. (see tile_f32.h).
+// One task: rows [r0, r0 + M) of one expert (M <= kTileRows), into y rows r0.. and, unless it
+// is null, h rows r0.. (see tile_f32.h).
 void tile(const float* x, int64_t ldx, const int32_t* row_to_slot, int64_t K, const float* wgu, const float* wd,
-          int64_t H, int64_t I, Activation act, int64_t r0, int64_t M, float* y, float* xt, float* actT, float* yT) {
+          int64_t H, int64_t I, Activation act, int64_t r0, int64_t M, float* y, float* h, float* xt, float* actT,
+          float* yT) {
+  float* h_rows = h != nullptr ? h + r0 * 2 * I : nullptr;
   const int64_t cols = (M + kCols - 1) / kCols * kCols;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + (row_to_slot[r0 + m] / K) * ldx;
@@ -68,7 +83,7 @@ void tile(const float* x, int64_t ldx, const int32_t* row_to_slot, int64_t K, co
     for (int64_t m = M; m < cols; ++m) xt[d * kTileRows + m] = 0.f;  // padding columns: never stored
   }
   in_blocks<kGateRows>(0, I, [&]<int R>(int64_t n0) {
-    for (int64_t m0 = 0; m0 < cols; m0 += kCols) gate_up_block<R>(wgu, H, I, n0, xt, m0, act, actT);
+    for (int64_t m0 = 0; m0 < cols; m0 += kCols) gate_up_block<R>(wgu, H, I, n0, xt, m0, M, act, actT, h_rows);
   });
   in_blocks<kDownRows>(0, H, [&]<int R>(int64_t h0) {
     for (int64_t m0 = 0; m0 < cols; m0 += kCols) down_block<R>(wd, I, h0, actT, m0, yT);
