@@ -15,6 +15,7 @@
 #include "cpu/chunks_f32.h"
 #include "cpu/common.h"
 #include "cpu/dot_bf16.h"
+#include "cpu/gemm_f32.h"
 #include "cpu/tile_f32.h"
 
 namespace finteam {
@@ -112,7 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
 std::string cpu_capability() {
   const std::string kernel = cpu::streaming_kernel();
   // The bf16 streaming kernel comes last: tests read it as the text after "streaming: ".
-  return cpu::isa_name() + ", fp32 training chunks: " + (cpu::chunks_f32_enabled() ? "BLAS" : "none (ATen GEMM)") +
+  const std::string chunks = !cpu::chunks_f32_enabled() ? "none (ATen GEMM)"
+                             : cpu::gemm_f32_enabled()    ? "BLAS + AVX-512 backward GEMMs"
+                                                          : "BLAS";
+  return cpu::isa_name() + ", fp32 training chunks: " + chunks +
          ", fp32 tiles: " + (cpu::tiled_f32_available() ? cpu::tiled_f32_kernel() : "none (ATen GEMM)") +
          ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
 }

@@ -289,7 +289,9 @@ def test_every_fp32_training_path_meets_the_tolerance(cpu_ext):
     # and all four gradients against the fp64 reference. Forward: the tiled forward writing h
     # (tile_f32.h; AVX-512, or AVX2 by lowering the ISA) where the CPU has it, else the chunked one
     # (chunks_f32.h; FINTEAM_CPU_F32_TILES=0), else ATen's GEMMs (both off). Backward: the chunks
-    # where the torch build exports the BLAS, else ATen's GEMMs (FINTEAM_CPU_CHUNKS=0).
+    # where the torch build exports the BLAS, their GEMMs on AVX-512 registers (gemm_f32.h) where
+    # MKL runs AVX2 code (AMD) or in the BLAS (FINTEAM_CPU_GEMM_F32=0), else ATen's GEMMs
+    # (FINTEAM_CPU_CHUNKS=0).
     code = """
         import json, torch
         from finteam_kernels import _ext, moe_experts
@@ -309,7 +311,8 @@ def test_every_fp32_training_path_meets_the_tolerance(cpu_ext):
     expected = [out.detach(), *(t.grad for t in leaves)]
     variants = {"this build's": {}, "chunks off": {"FINTEAM_CPU_CHUNKS": "0"},
                 "tiles off": {"FINTEAM_CPU_F32_TILES": "0"}, "avx2 tiles": {"FINTEAM_CPU_ISA": "avx2"},
-                "both off": {"FINTEAM_CPU_F32_TILES": "0", "FINTEAM_CPU_CHUNKS": "0"}}
+                "both off": {"FINTEAM_CPU_F32_TILES": "0", "FINTEAM_CPU_CHUNKS": "0"},
+                "BLAS backward": {"FINTEAM_CPU_GEMM_F32": "0"}}
     children = {name: _start_child(code, env) for name, env in variants.items()}
     chunks, tiles = {}, {}
     for name, child in children.items():
@@ -326,7 +329,12 @@ def test_every_fp32_training_path_meets_the_tolerance(cpu_ext):
     assert tiles["avx2 tiles"] == ("avx2" if isa.startswith(("avx2", "avx512")) else "none (ATen GEMM)")
     # torch builds with MKL (the x86 wheels) export its sgemm_, so the chunks run there.
     if torch.backends.mkl.is_available():
-        assert chunks["this build's"] == chunks["tiles off"] == "BLAS"
+        assert chunks["BLAS backward"] == "BLAS"
+        assert chunks["this build's"] == chunks["tiles off"] in ("BLAS", "BLAS + AVX-512 backward GEMMs")
+        if sys.platform.startswith("linux"):
+            with open("/proc/cpuinfo") as f:
+                intel = "GenuineIntel" in f.read()
+            assert (chunks["this build's"] == "BLAS + AVX-512 backward GEMMs") == (isa.startswith("avx512") and not intel)
 
 
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):

@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 
+#include "gemm_f32.h"
 #include "grad_rows.h"
 #include "rows.h"
 
@@ -59,6 +60,8 @@ class OneBlasThread {
 // op(B)^T @ op(A)^T on the same memory. a_t / b_t: A / B are stored as their transposes' rows.
 void gemm_rows(bool a_t, bool b_t, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                int64_t ldb, float* C, int64_t ldc) {
+  // B untransposed: the backward's four GEMMs (the forward's take W^T, and the tiles where gemm_f32 runs).
+  if (!b_t && gemm_f32_enabled()) return gemm_f32(a_t, M, N, K, A, lda, B, ldb, C, ldc);
   const char ta = b_t ? 'T' : 'N', tb = a_t ? 'T' : 'N';
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);

@@ -26,7 +26,9 @@
 // kMaxExpertBytes (1 MB) in chunks_f32.cpp.
 //
 // The GEMM is the BLAS that ATen's fp32 matmul calls (MKL's sgemm in the x86 wheels), looked up
-// when first needed; inside a parallel region it runs on the calling thread.
+// when first needed; inside a parallel region it runs on the calling thread. The backward's GEMMs
+// take gemm_f32.h instead on AVX-512 CPUs where MKL runs AVX2 code (AMD): at the tiny team's
+// shape on a 2-core AMD EPYC (Zen 5), forward and backward of the op 3.9-4.2 ms against 6.4-6.6.
 #pragma once
 
 #include <vector>

@@ -1,0 +1,95 @@
+// See gemm_f32.h.
+#include "gemm_f32.h"
+
+#include <cstdlib>
+#include <string>
+
+#if FINTEAM_X86
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace finteam::cpu {
+
+#if FINTEAM_X86
+namespace {
+
+constexpr int kRows = 12;  // rows of C per register block
+constexpr int64_t kCols = 32;  // columns of C per register block: two vectors
+
+bool intel_cpu() {
+  unsigned a, b, c, d;
+  __get_cpuid(0, &a, &b, &c, &d);
+  return b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "GenuineIntel"
+}
+
+// C rows [0, R) at columns [n0, n0 + 32) (mask0 / mask1: the columns inside N of each vector).
+template <int R>
+__attribute__((target("avx512f,fma"))) void block(bool a_t, int64_t K, const float* A, int64_t lda, const float* B,
+                                                   int64_t ldb, float* C, int64_t ldc, __mmask16 mask0,
+                                                   __mmask16 mask1) {
+  __m512 acc[R][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t step_r = a_t ? 1 : lda, step_k = a_t ? lda : 1;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(mask0, B + k * ldb), b1 = _mm512_maskz_loadu_ps(mask1, B + k * ldb + 16);
+    const float* a = A + k * step_k;
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * step_r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(C + r * ldc, mask0, acc[r][0]);
+    _mm512_mask_storeu_ps(C + r * ldc + 16, mask1, acc[r][1]);
+  }
+}
+
+template <int R>
+void rows_in_blocks(bool a_t, int64_t m0, int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, __mmask16 mask0, __mmask16 mask1) {
+  for (; m0 + R <= M; m0 += R) {
+    block<R>(a_t, K, A + m0 * (a_t ? 1 : lda), lda, B, ldb, C + m0 * ldc, ldc, mask0, mask1);
+  }
+  if constexpr (R > 1) {
+    if (m0 < M) rows_in_blocks<R - 1>(a_t, m0, M, K, A, lda, B, ldb, C, ldc, mask0, mask1);
+  }
+}
+
+__mmask16 columns(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? 0 : __mmask16((1u << left) - 1u); }
+
+}  // namespace
+
+bool gemm_f32_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FINTEAM_CPU_GEMM_F32");
+    if (v != nullptr && std::string(v) == "0") return false;
+    return isa_name().rfind("avx512", 0) == 0 && !intel_cpu();
+  }();
+  return on;
+}
+
+void gemm_f32(bool a_t, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+              float* C, int64_t ldc) {
+  // Column blocks outside, so that a block of B's columns (K rows of 128 bytes) stays in L1 while
+  // every row block of A passes over it.
+  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+    rows_in_blocks<kRows>(a_t, 0, M, K, A, lda, B + n0, ldb, C + n0, ldc, columns(N - n0), columns(N - n0 - 16));
+  }
+}
+
+#else
+
+bool gemm_f32_enabled() { return false; }
+
+void gemm_f32(bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "gemm_f32 needs an x86-64 build");
+}
+
+#endif
+
+}  // namespace finteam::cpu
