@@ -213,6 +213,24 @@ def test_moe_experts_fp32_training_many_rows(backend, activation):
         assert_close(a, e.float(), name=f"fp32 training {activation}: {what}")
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the CPU extension is not built")
+def test_moe_experts_fp32_training_large_weights():
+    """fp32 with grad, 1.6 MB of weights an expert: past the chunks' 1 MB limit for the BLAS, so
+    the chunked backward runs them where its GEMMs are gemm_f32.h's and ATen's GEMMs elsewhere;
+    odd widths (H=270, 2I=1000) and row counts around the 128-row chunks and 12-row blocks."""
+    g = torch.Generator().manual_seed(1)
+    x, ids, weights, w_gate_up, w_down = _many_rows_case([0, 129, 257, 40], 270, 500, g)
+    grad_out = torch.randn(ids.shape[0], 270, generator=g)
+    results = []
+    for run, dtype in ((partial(moe_experts, backend="cpu"), torch.float32), (reference.moe_experts, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+        out = run(leaves[0], ids, *leaves[1:], "silu")
+        out.backward(grad_out.to(dtype))
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for what, a, e in zip(("out", *GRADS), *results):
+        assert_close(a, e.float(), name=f"fp32 training, large weights: {what}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_experts_stride0_gradient(backend):
     """`out.sum().backward()` hands the backward a gradient with stride 0 in both dimensions."""

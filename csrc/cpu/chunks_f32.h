@@ -23,7 +23,8 @@
 // alternating in one process, median of 20-30 rounds): H=128 I=256 (the tiny team, 384 KB an
 // expert) 1.11-1.16x at 873/747/428 rows an expert, 1.30x at 34-100 rows, 1.02x at 2000/1500/596;
 // H=256 I=256 1.04x; H=256 I=512 (1.5 MB) 1.01x; H=512 I=1024 (6 MB) 0.95x. Hence
-// kMaxExpertBytes (1 MB) in chunks_f32.cpp.
+// kMaxExpertBytes (1 MB) in chunks_f32.cpp, for the BLAS; gemm_f32 below packs nothing and takes
+// experts of any size.
 //
 // The GEMM is the BLAS that ATen's fp32 matmul calls (MKL's sgemm in the x86 wheels), looked up
 // when first needed; inside a parallel region it runs on the calling thread. The backward's GEMMs
@@ -42,7 +43,7 @@ namespace finteam::cpu {
 // is not 0 (read once; 0 keeps ATen's GEMMs, for comparison).
 bool chunks_f32_enabled();
 // Whether they take experts of this shape: on, H and I not 0, an expert's weights within
-// kMaxExpertBytes, and the sizes within the BLAS's 32-bit arguments.
+// kMaxExpertBytes (no limit where gemm_f32 runs), and the sizes within the BLAS's 32-bit arguments.
 bool chunks_f32_available(int64_t N, int64_t H, int64_t I);
 
 // The forward of each expert e in `experts`: y_NH[r] = W_down[e] @ glu(h_N2I[r]) with

@@ -35,9 +35,9 @@
 // which needs no second down-projection to recompute y. dx is reduced per token in slot order.
 // An expert with few rows (the common case in training fine-grained MoEs) takes its GEMMs as
 // sums of scaled rows (mix.h), every such expert's tasks in one parallel pass per step; one
-// with many goes to ATen, or in fp32 with small weights to the chunked backward of
-// chunks_f32.h (two parallel passes in all). An expert with no rows gets exactly zero weight
-// gradients.
+// with many goes to ATen, or in fp32 to the chunked backward of chunks_f32.h (two parallel
+// passes in all; small weights only, unless its GEMMs run on gemm_f32.h's AVX-512 blocks). An
+// expert with no rows gets exactly zero weight gradients.
 
 #include <cstring>
 #include <vector>
