@@ -57,6 +57,16 @@ namespace finteam::cpu {
 // environment variable FINTEAM_CPU_ISA can lower it (to test the fallbacks), never raise it.
 const std::string& isa_name();
 
+// fn.template operator()<R>(first) over [first, end) in blocks of R rows, the leftover in the
+// largest smaller blocks: a register-blocked kernel's rows (tile_f32, gemm_f32).
+template <int R, typename Fn>
+inline void in_blocks(int64_t first, int64_t end, Fn&& fn) {
+  for (; first + R <= end; first += R) fn.template operator()<R>(first);
+  if constexpr (R > 1) {
+    if (first < end) in_blocks<R - 1>(first, end, fn);
+  }
+}
+
 // Rows handed to one thread at a time: big enough to amortise the fork, small enough to balance.
 inline int64_t grain(int64_t work_per_item, int64_t target = 1 << 14) {
   return std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));

@@ -60,9 +60,9 @@ __mmask32 tail_mask(int64_t left) { return left >= 32 ? ~__mmask32(0) : static_c
 
 template <int R, int MB>
 FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) out[m * ldo + r] = _mm512_reduce_add_ps(acc[r][m]);
   }
 }
@@ -81,40 +81,14 @@ struct DotTile {
   // spends M+1 loads on M vdpbf16ps, a tile 4+M on 4M).
   static constexpr int kRowByRowBatch = 5;
 
-  // Rows [0, rows) of w against MB batch rows, one weight row at a time, each output summed in
-  // the tiles' order (so a token's bits do not depend on its batch). With more than one batch
-  // row, each step prefetches the next weight row into L2 and its own row 4 lines ahead into
-  // L1; a single batch row leaves it to the hardware prefetcher (3% faster at T=1 without).
-  // Two accumulators per batch row (even and odd steps, another order) measured no faster.
+  // Rows [0, rows) of w against MB batch rows, one weight row at a time: a 1-row tile (run's
+  // body) in a loop, so each output is the same sum as in the tiles (a token's bits do not depend
+  // on its batch). Two accumulators per batch row (even and odd steps, another order) measured
+  // no faster.
   template <int MB>
   FINTEAM_AVX512_BF16 static void row_by_row(const uint16_t* w, int64_t ldw, int64_t D, int64_t rows,
                                              const uint16_t* const* x, float* out, int64_t ldo) {
-    constexpr int64_t kL1Ahead = 128;  // elements: 4 cache lines
-    for (int64_t o = 0; o < rows; ++o, w += ldw, ++out) {
-      __m512 acc[MB];
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-      int64_t d = 0;
-      for (; d + 32 <= D; d += 32) {
-        if constexpr (MB > 1) {
-          _mm_prefetch(reinterpret_cast<const char*>(w + ldw + d), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(w + d + kL1Ahead), _MM_HINT_T0);
-        }
-        const __m512i wv = _mm512_loadu_si512(w + d);
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m)
-          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x[m] + d));
-      }
-      if (d < D) {
-        const __mmask32 mask = tail_mask(D - d);
-        const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + d);
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m)
-          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + d));
-      }
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
-    }
+    for (int64_t o = 0; o < rows; ++o) tile<1, MB>(w + o * ldw, ldw, D, x, out + o, ldo);
   }
 
   static void rows(const uint16_t* w, int64_t ldw, int64_t D, int64_t rows, const uint16_t* const* x, int64_t M,
@@ -132,30 +106,40 @@ struct DotTile {
   FINTEAM_AVX512_BF16 static inline __attribute__((always_inline)) void step(
       __m512 (&acc)[R][MB], const uint16_t* w, int64_t ldw, const uint16_t* const* x, int64_t d, __mmask32 mask) {
     __m512i wv[R];
-    prefetch_tile<R>(w, ldw, d);
-#pragma GCC unroll 4
+    // One weight row against one batch row reads memory in order, which the hardware prefetcher
+    // follows alone: without the software prefetches it ran 2-3% faster with 2 threads and 7%
+    // with 1 (T=1, Mixtral-shaped experts, calls in shuffled order on the 2-core AMD EPYC, Zen 4).
+    if constexpr (R > 1 || MB > 1) prefetch_tile<R>(w, ldw, d);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ldw + d);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const __m512i xv = _mm512_maskz_loadu_epi16(mask, x[m] + d);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
     }
   }
 
+  // R weight rows against MB batch rows, all of D.
   template <int R, int MB>
-  FINTEAM_AVX512_BF16 static void run(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x,
-                                      const float*, int64_t, float* out, int64_t ldo) {
+  FINTEAM_AVX512_BF16 static inline __attribute__((always_inline)) void tile(
+      const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x, float* out, int64_t ldo) {
     __m512 acc[R][MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
     }
     int64_t d = 0;
     for (; d + 32 <= D; d += 32) step<R, MB>(acc, w, ldw, x, d, ~__mmask32(0));
     if (d < D) step<R, MB>(acc, w, ldw, x, d, tail_mask(D - d));
     store<R, MB>(acc, out, ldo);
+  }
+
+  template <int R, int MB>
+  FINTEAM_AVX512_BF16 static void run(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x,
+                                      const float*, int64_t, float* out, int64_t ldo) {
+    tile<R, MB>(w, ldw, D, x, out, ldo);
   }
 };
 

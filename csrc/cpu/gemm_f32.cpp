@@ -49,17 +49,6 @@ __attribute__((target("avx512f,fma"))) void block(bool a_t, int64_t K, const flo
   }
 }
 
-template <int R>
-void rows_in_blocks(bool a_t, int64_t m0, int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc, __mmask16 mask0, __mmask16 mask1) {
-  for (; m0 + R <= M; m0 += R) {
-    block<R>(a_t, K, A + m0 * (a_t ? 1 : lda), lda, B, ldb, C + m0 * ldc, ldc, mask0, mask1);
-  }
-  if constexpr (R > 1) {
-    if (m0 < M) rows_in_blocks<R - 1>(a_t, m0, M, K, A, lda, B, ldb, C, ldc, mask0, mask1);
-  }
-}
-
 __mmask16 columns(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? 0 : __mmask16((1u << left) - 1u); }
 
 }  // namespace
@@ -78,7 +67,10 @@ void gemm_f32(bool a_t, int64_t M, int64_t N, int64_t K, const float* A, int64_t
   // Column blocks outside, so that a block of B's columns (K rows of 128 bytes) stays in L1 while
   // every row block of A passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-    rows_in_blocks<kRows>(a_t, 0, M, K, A, lda, B + n0, ldb, C + n0, ldc, columns(N - n0), columns(N - n0 - 16));
+    const __mmask16 mask0 = columns(N - n0), mask1 = columns(N - n0 - 16);
+    in_blocks<kRows>(0, M, [&]<int R>(int64_t m0) {
+      block<R>(a_t, K, A + m0 * (a_t ? 1 : lda), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, mask0, mask1);
+    });
   }
 }
 

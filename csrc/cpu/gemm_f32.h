@@ -12,8 +12,8 @@
 
 namespace finteam::cpu {
 
-// Whether gemm_f32 runs: an AVX-512 CPU whose BLAS is MKL on a non-Intel vendor (where MKL runs
-// AVX2 code), and FINTEAM_CPU_GEMM_F32 is not 0 (read once; 0 keeps the BLAS, for comparison).
+// Whether gemm_f32 runs: an AVX-512 CPU not made by Intel (where MKL, the BLAS of the x86 torch
+// wheels, runs AVX2 code), and FINTEAM_CPU_GEMM_F32 is not 0 (read once; 0 keeps the BLAS).
 bool gemm_f32_enabled();
 
 // C[M, N] = op(A)[M, K] @ B[K, N], row-major, on the calling thread; op(A)[m][k] is A[m * lda + k],

@@ -25,6 +25,7 @@ void gather_rows(const at::Tensor& x_TH, const int32_t* row_to_slot_N, int64_t t
 // `bytes` bytes, x row row_to_slot_N[r] / top_k to out + (r - r0) * out_stride (strides in bytes).
 void gather_rows_serial(const void* x, int64_t x_stride, const int32_t* row_to_slot_N, int64_t top_k, int64_t bytes,
                         int64_t r0, int64_t r1, void* out, int64_t out_stride);
+
 // out_TH[t] = sum_j w[t, j] * y_NH[slot_to_row[t*K + j]], accumulated in fp32 (fp64 for fp64)
 // in slot order; weights_TK undefined means all ones (permute's backward).
 at::Tensor combine_rows(const at::Tensor& y_NH, const at::Tensor& slot_to_row_N, const at::Tensor& weights_TK,

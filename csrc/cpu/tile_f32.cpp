@@ -26,16 +26,6 @@ namespace {
 
 constexpr int64_t kTileRows = 64;  // an expert's rows per task: the columns of x^T, act^T and y^T
 
-// fn.template operator()<R>(first) over [first, end) in blocks of R rows, the leftover in the
-// largest smaller blocks.
-template <int R, typename Fn>
-inline void in_blocks(int64_t first, int64_t end, Fn&& fn) {
-  for (; first + R <= end; first += R) fn.template operator()<R>(first);
-  if constexpr (R > 1) {
-    if (first < end) in_blocks<R - 1>(first, end, fn);
-  }
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
