@@ -202,7 +202,14 @@ def test_moe_experts_fp32_training_many_rows(backend, activation):
     """fp32 with grad: the cpu backend's tiled forward writing h (tile_f32.h) and chunked backward
     (chunks_f32.h) for experts past its small-row paths, against the fp64 reference: the output
     and all four gradients (test_ext runs the other paths)."""
-    x, ids, weights, w_gate_up, w_down, grad_out = _fp32_training_case(torch.Generator().manual_seed(0))
+    case = _fp32_training_case(torch.Generator().manual_seed(0))
+    _assert_fp32_training_matches(backend, case, activation, f"fp32 training {activation}")
+
+
+def _assert_fp32_training_matches(backend, case, activation, name):
+    """The output and all four gradients of moe_experts on `backend` against the fp64 reference,
+    for case = (x, ids, weights, w_gate_up, w_down, grad_out) in fp32."""
+    x, ids, weights, w_gate_up, w_down, grad_out = case
     results = []
     for run, dtype in ((partial(moe_experts, backend=backend), torch.float32), (reference.moe_experts, torch.float64)):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weights, w_gate_up, w_down)]
@@ -210,7 +217,7 @@ def test_moe_experts_fp32_training_many_rows(backend, activation):
         out.backward(grad_out.to(dtype))
         results.append([out.detach(), *(t.grad for t in leaves)])
     for what, a, e in zip(("out", *GRADS), *results):
-        assert_close(a, e.float(), name=f"fp32 training {activation}: {what}")
+        assert_close(a, e.float(), name=f"{name}: {what}")
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the CPU extension is not built")
@@ -219,16 +226,9 @@ def test_moe_experts_fp32_training_large_weights():
     the chunked backward runs them where its GEMMs are gemm_f32.h's and ATen's GEMMs elsewhere;
     odd widths (H=270, 2I=1000) and row counts around the 128-row chunks and 12-row blocks."""
     g = torch.Generator().manual_seed(1)
-    x, ids, weights, w_gate_up, w_down = _many_rows_case([0, 129, 257, 40], 270, 500, g)
-    grad_out = torch.randn(ids.shape[0], 270, generator=g)
-    results = []
-    for run, dtype in ((partial(moe_experts, backend="cpu"), torch.float32), (reference.moe_experts, torch.float64)):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weights, w_gate_up, w_down)]
-        out = run(leaves[0], ids, *leaves[1:], "silu")
-        out.backward(grad_out.to(dtype))
-        results.append([out.detach(), *(t.grad for t in leaves)])
-    for what, a, e in zip(("out", *GRADS), *results):
-        assert_close(a, e.float(), name=f"fp32 training, large weights: {what}")
+    inputs = _many_rows_case([0, 129, 257, 40], 270, 500, g)
+    grad_out = torch.randn(inputs[1].shape[0], 270, generator=g)
+    _assert_fp32_training_matches("cpu", (*inputs, grad_out), "silu", "fp32 training, large weights")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
