@@ -9,6 +9,10 @@ Shape legend: E experts, H hidden, I FFN width, L layers.
 - Everything else (attention, norms, embeddings, head) is averaged over the experts, or taken
   from the base (`assemble.shared`), or, for checks, from one named expert.
 - With `assemble.base_expert`, the base model's FFN is one more expert (the generalist).
+- `assemble.expert_spread` s moves each role expert's FFN towards the experts' mean:
+  mean + s * (own - mean). 1 keeps the experts as trained; 0 makes every role expert the
+  uniform merge's FFN, so that with `shared: average` the team starts as exactly the merge
+  (any routing gives the same output) and only tuning can tell its experts apart.
 - Router rows, per layer, initialised by `router_init`:
     hidden  each role's documents through the base model; row e is the role's mean FFN input
             at that layer minus the mean over roles, scaled to `router_scale` (a token that
@@ -43,18 +47,19 @@ def ffn(sd: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def build_moe(experts: list, base=None, base_expert: bool = False, shared: str | int = "average", top_k: int = 2,
-              aux_loss_coef: float = 0.02, router_rows: list[torch.Tensor] | None = None, seed: int = 0) -> MixtralForCausalLM:
+              aux_loss_coef: float = 0.02, router_rows: list[torch.Tensor] | None = None, seed: int = 0,
+              spread: float = 1.0) -> MixtralForCausalLM:
     """A Mixtral whose expert e is `experts[e]`'s FFN (then the base's, if `base_expert`).
 
     shared: "average" | "base" | an index into `experts` (take the non-FFN weights from it).
     router_rows: per layer [E, H] router weights (default: transformers' random init).
+    spread: each of `experts`' FFNs becomes mean + spread * (own - mean) (1: as trained).
     """
     if (base_expert or shared == "base") and base is None:
         raise ValueError("assemble: base_expert and shared='base' need the base model")
     sds = [m.state_dict() for m in experts]
     base_sd = base.state_dict() if base is not None else {}
-    members = sds + ([base_sd] if base_expert else [])
-    config = models.mixtral_config(experts[0].config, len(members), top_k, aux_loss_coef)
+    config = models.mixtral_config(experts[0].config, len(sds) + base_expert, top_k, aux_loss_coef)
     torch.manual_seed(seed)
     moe = MixtralForCausalLM(config)
     out = moe.state_dict()
@@ -69,8 +74,13 @@ def build_moe(experts: list, base=None, base_expert: bool = False, shared: str |
             out[name].copy_(sds[shared][name])
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}.mlp."
-        for e, sd in enumerate(members):
-            gate_up_2IH, down_HI = ffn(sd, layer)
+        ffns = [ffn(sd, layer) for sd in sds]
+        if spread != 1.0:
+            means = [torch.stack([f[i].float() for f in ffns]).mean(0) for i in range(2)]
+            ffns = [tuple(m + spread * (w.float() - m) for w, m in zip(f, means)) for f in ffns]
+        if base_expert:
+            ffns.append(ffn(base_sd, layer))
+        for e, (gate_up_2IH, down_HI) in enumerate(ffns):
             out[p + "experts.gate_up_proj"][e].copy_(gate_up_2IH)
             out[p + "experts.down_proj"][e].copy_(down_HI)
         if router_rows is not None:
@@ -145,7 +155,8 @@ def run(recipe: Recipe, data_dir: Path, base_dir: Path, expert_dirs: list[Path],
     experts = [load_model(d) for d in expert_dirs]
     base = load_model(base_dir).to(device or "cpu")
     rows = router_rows(recipe, base, tokenizer, data_dir, len(ROLES) + cfg.base_expert, seed)
-    moe = build_moe(experts, base.cpu(), cfg.base_expert, cfg.shared, cfg.top_k, cfg.router_aux_loss_coef, rows, seed)
+    moe = build_moe(experts, base.cpu(), cfg.base_expert, cfg.shared, cfg.top_k, cfg.router_aux_loss_coef, rows, seed,
+                    cfg.expert_spread)
     save_model(moe, out / "model", stamp(recipe, "assemble", seed=seed), tokenizer)
     total, active = models.num_params(moe), models.num_params(moe, cfg.top_k)
     log(f"assemble  Mixtral with {moe.config.num_local_experts} experts, top-{cfg.top_k}, router init {cfg.router_init}: "

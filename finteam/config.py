@@ -137,6 +137,9 @@ class AssembleConfig:
     router_init: str = setting("hidden", choices=("hidden", "embed", "random"))
     router_scale: float = setting(4.0, gt=0)  # norm of each router row for hidden/embed init (logit sharpness)
     router_aux_loss_coef: float = setting(0.02, ge=0)  # weight of transformers' load-balancing loss in the MiX phase
+    # Each role expert's FFN = mean + expert_spread * (its own - mean): 1 keeps the experts as
+    # trained, 0 starts the team as exactly the uniform merge (docs/pipeline.md measures both).
+    expert_spread: float = setting(1.0, ge=0, le=1)
 
 
 @dataclass

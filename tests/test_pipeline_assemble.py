@@ -65,6 +65,33 @@ def test_stacked_layout_and_shared_average():
     torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], mean)
 
 
+def test_expert_spread_zero_starts_the_team_as_the_uniform_merge():
+    team = experts()
+    merged = experts(1)[0].eval()
+    with torch.no_grad():
+        for name, t in merged.state_dict().items():
+            t.copy_(torch.stack([m.state_dict()[name] for m in team]).mean(0))
+    moe = assemble.build_moe(team, top_k=2, spread=0.0).eval()
+    models.use_experts(moe, EXPERTS_IMPL)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():  # the router still picks among its experts, but they are all the merge's FFN
+        torch.testing.assert_close(moe(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(assemble.build_moe(team, top_k=2).eval()(input_ids=ids).logits,
+                                  merged(input_ids=ids).logits, atol=1e-3)
+
+
+def test_expert_spread_scales_each_experts_distance_from_the_mean():
+    team = experts()
+    base = experts(4)[3]
+    full = assemble.build_moe(team, top_k=2).state_dict()
+    half = assemble.build_moe(team, base=base, base_expert=True, top_k=2, spread=0.5).state_dict()
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        mean = full[name].mean(0)
+        torch.testing.assert_close(half[name][:3], mean + 0.5 * (full[name] - mean))
+        # the base's FFN, a fourth expert, is nobody's specialist and is left as it is
+        torch.testing.assert_close(half[name][3], assemble.build_moe(team, base=base, base_expert=True).state_dict()[name][3])
+
+
 def test_base_expert_and_saved_checkpoint_loads_with_automodel(tmp_path):
     team, base = experts(), experts(4)[3]
     moe = assemble.build_moe(team, base=base, base_expert=True, shared="base", top_k=2).eval()
