@@ -159,8 +159,9 @@ def run(recipe: Recipe, data_dir: Path, base_dir: Path, expert_dirs: list[Path],
                     cfg.expert_spread)
     save_model(moe, out / "model", stamp(recipe, "assemble", seed=seed), tokenizer)
     total, active = models.num_params(moe), models.num_params(moe, cfg.top_k)
-    log(f"assemble  Mixtral with {moe.config.num_local_experts} experts, top-{cfg.top_k}, router init {cfg.router_init}: "
-        f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active")
+    spread = f", experts at {cfg.expert_spread} of their distance from the mean" if cfg.expert_spread != 1 else ""
+    log(f"assemble  Mixtral with {moe.config.num_local_experts} experts, top-{cfg.top_k}, router init {cfg.router_init}"
+        f"{spread}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active")
     return {"experts": moe.config.num_local_experts, "params": total, "active_params": active}
 
 
