@@ -5,6 +5,7 @@
     finteam data | tokenizer | pretrain | assemble | mix | instruct | evaluate   one stage
     finteam generate --model runs/tiny/seed0/instruct/team/model --prompt "..."
     finteam check --recipe llama3-8b      read and check a recipe, print it, do nothing else
+    finteam compare runs/a runs/b:label   the teams of finished runs, paired on the same items
 
 Every command takes --recipe NAME_OR_PATH, --set section.field=value (repeatable) and --force
 (rerun finished stages). Under `torchrun --nproc_per_node N finteam ...` training stages shard
@@ -74,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="a text file with one prompt a line")
     p.add_argument("--max-new-tokens", type=count, default=48)
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 (default): greedy; above 0: sampled")
+    p = sub.add_parser("compare", help="the teams of finished runs, paired on the same test items and seeds")
+    p.add_argument("runs", nargs="+", metavar="RUN[:LABEL]", help="run folders (out_dir); the first run's team is the reference")
     return ap
 
 
@@ -89,6 +92,8 @@ def _main(argv: list[str] | None) -> int:
         argv = ["run", *argv]  # `finteam` alone runs the whole pipeline
     args = parser().parse_args(argv)
     command = args.command
+    if command == "compare":
+        return _compare(args.runs)
     try:
         recipe = load_recipe(args.recipe, args.set)
         if command in ("run", "instruct"):  # the stages that may split experts over processes
@@ -112,6 +117,17 @@ def _main(argv: list[str] | None) -> int:
     except (RecipeError, RunLocked) as err:
         print(f"finteam {command}: {err}", file=sys.stderr)
         return 2
+
+
+def _compare(runs: list[str]) -> int:
+    from .compare import compare
+
+    try:
+        print(compare(runs))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"finteam {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run_folder(run: Path) -> Path:

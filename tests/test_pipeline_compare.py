@@ -1,0 +1,62 @@
+"""`finteam compare`: teams of finished runs, paired on the same items and seeds, against a case
+worked out by hand; runs that were not scored alike are refused."""
+import json
+
+import pytest
+
+from finteam import cli
+from finteam.compare import compare
+
+GOLD = ["Yes", "No", "Yes", "No", "Yes", "No", "Yes", "No"]
+WRONG = ["No" if g == "Yes" else "Yes" for g in GOLD]
+
+
+def write_run(folder, teams, gold=GOLD):
+    """A run folder's results.json: one label task, the team's answers per seed, a dense baseline
+    that always says 'Yes'."""
+    per_seed = [{"predictions": {"team (MoE)": {"headlines": team}, "dense baseline": {"headlines": ["Yes"] * len(gold)}},
+                 "gold": {"headlines": gold}} for team in teams]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "per_seed": per_seed,
+        "tasks": {"headlines": {"metric": "classification", "role": "macro", "choices": ["Yes", "No"]}},
+        "recipe": {"evaluate": {"numeric_tolerance": 0.01}}}))
+    return str(folder)
+
+
+def row(text, model):
+    return next(line for line in text.splitlines() if line.startswith(f"| {model} |"))
+
+
+def test_a_perfect_team_minus_a_wrong_one_is_one_on_every_draw(tmp_path):
+    right = write_run(tmp_path / "right", [GOLD, GOLD])
+    wrong = write_run(tmp_path / "wrong", [WRONG, WRONG])
+    text = compare([f"{right}:right", f"{wrong}:wrong"])
+    # weighted F1: 1 for the right team, 0 for the wrong one, on every resampled item set
+    assert "| team wrong | +1.000 [+1.000, +1.000] ✓ | +1.000 [+1.000, +1.000] ✓ |" in text
+    assert row(text, "team right").startswith("| team right | 1.000 [1.000, 1.000] | 1.000, 1.000 |")
+    # the dense baseline says 'Yes' to all: F1 of the 'Yes' class 2/3 on half the items, weighted 1/3
+    assert row(text, "dense baseline").startswith("| dense baseline | 0.333")
+
+
+def test_per_seed_means_are_each_seeds_own(tmp_path):
+    mixed = write_run(tmp_path / "mixed", [GOLD, WRONG])
+    text = compare([mixed])
+    assert "| team mixed | 0.500 [" in text and "| 1.000, 0.000 |" in text
+
+
+def test_runs_scored_on_other_items_or_seeds_are_refused(tmp_path):
+    a = write_run(tmp_path / "a", [GOLD, GOLD])
+    other_items = write_run(tmp_path / "b", [GOLD, GOLD], gold=WRONG)
+    one_seed = write_run(tmp_path / "c", [GOLD])
+    with pytest.raises(ValueError, match="other test items.*headlines"):
+        compare([a, other_items])
+    with pytest.raises(ValueError, match="1 seed"):
+        compare([a, one_seed])
+    with pytest.raises(ValueError, match="labelled 'a'"):
+        compare([a, f"{one_seed}:a"])
+
+
+def test_the_command_names_a_missing_run_and_exits_2(tmp_path, capsys):
+    assert cli.main(["compare", str(tmp_path / "nowhere")]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
