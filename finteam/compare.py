@@ -4,9 +4,9 @@
 
 Each argument is a run folder (`out_dir`) holding the results.json that `finteam run` or
 `finteam evaluate` wrote, with an optional `:label`. The first run's team is the reference;
-the table holds its baselines (dense, experts, merge) and every run's team, each with its mean
-over tasks, 95% interval and per-seed means, and the reference team minus each of them per task
-and on the mean, from the same paired bootstrap as the results table (finteam/stats.py). A
+the tables are the results table's (finteam/report.py): its baselines (dense, experts, merge)
+and every run's team, each score with its 95% interval and collapses marked, then the reference
+team minus each of them per task and on the mean, from the same paired bootstrap (finteam/stats.py). A
 comparison of two team settings is a result only when they were scored on the same items with
 the same seeds, so runs whose test items or seed counts differ are refused.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import stats
+from . import report, stats
 
 TEAM = "team (MoE)"
 
@@ -61,36 +61,19 @@ def compare(args: list[str]) -> str:
         runs[label] = load_run(folder)
     check_same_items(runs)
     first = next(iter(runs.values()))
-    meta, seeds = first["tasks"], first["per_seed"]
-    tasks = {t: {**meta[t], "gold": seeds[0]["gold"][t]} for t in meta if t in seeds[0]["gold"]}
+    seeds = first["per_seed"]
+    meta = {t: info for t, info in first["tasks"].items() if t in seeds[0]["gold"]}
+    tasks = {t: {**info, "gold": seeds[0]["gold"][t]} for t, info in meta.items()}
     predictions = {m: [s["predictions"][m] for s in seeds] for m in seeds[0]["predictions"] if m != TEAM}
     teams = [f"team {label}" for label in runs]
     for name, run in zip(teams, runs.values()):
         predictions[name] = [s["predictions"][TEAM] for s in run["per_seed"]]
     tolerance = first["recipe"]["evaluate"]["numeric_tolerance"]
     out = stats.summarise(stats.Bootstrap(tasks, predictions, tolerance), list(predictions), teams[0])
-    return table(out, list(tasks), teams[0])
-
-
-def _cell(d: dict) -> str:
-    return f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
-
-def table(out: dict, tasks: list[str], reference: str) -> str:
-    lines = [f"{out['seeds']} seed(s); 95% intervals from a paired bootstrap over test items and seeds "
-             f"({out['reps']} replicates). The baselines are the first run's.", "",
-             "| model | mean | per seed |", "|---|---|---|"]
-    for model, scores in out["scores"].items():
-        mean = scores["mean"]
-        per_seed = ", ".join(f"{v:.3f}" for v in mean["seeds"])
-        lines.append(f"| {model} | {mean['value']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}] | {per_seed} |")
-    lines += ["", f"{reference} minus each model (✓ ahead, ✗ behind, interval excluding zero):", "",
-              "| minus | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
-    for model, paired in out["paired"].items():
-        cells = []
-        for task in [*tasks, "mean"]:
-            d = paired[task]
-            mark = " ✓" if d["low"] > 0 else " ✗" if d["high"] < 0 else ""
-            cells.append(_cell(d) + mark)
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([
+        f"{out['seeds']} seed(s); 95% intervals from a paired bootstrap over test items and seeds ({out['reps']} "
+        "replicates); the baselines are the first run's; † collapsed (one answer to more than 90% of a label task's "
+        "items in some seed).", "",
+        report.interval_table(out, meta, report.collapsed(predictions, meta), first.get("majority", {})), "",
+        f"{teams[0]} minus each model (95% interval; ✓ ahead, ✗ behind, interval excluding zero):", "",
+        report.paired_table(out, meta, teams[0])])

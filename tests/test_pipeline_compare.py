@@ -24,8 +24,10 @@ def write_run(folder, teams, gold=GOLD):
     return str(folder)
 
 
-def row(text, model):
-    return next(line for line in text.splitlines() if line.startswith(f"| {model} |"))
+def row(text, model, paired=False):
+    """The model's row in the scores table, or (paired) in the table of the reference minus each model."""
+    scores, differences = text.split(" minus each model")
+    return next(line for line in (differences if paired else scores).splitlines() if line.startswith(f"| {model} |"))
 
 
 def test_a_perfect_team_minus_a_wrong_one_is_one_on_every_draw(tmp_path):
@@ -33,16 +35,19 @@ def test_a_perfect_team_minus_a_wrong_one_is_one_on_every_draw(tmp_path):
     wrong = write_run(tmp_path / "wrong", [WRONG, WRONG])
     text = compare([f"{right}:right", f"{wrong}:wrong"])
     # weighted F1: 1 for the right team, 0 for the wrong one, on every resampled item set
-    assert "| team wrong | +1.000 [+1.000, +1.000] ✓ | +1.000 [+1.000, +1.000] ✓ |" in text
-    assert row(text, "team right").startswith("| team right | 1.000 [1.000, 1.000] | 1.000, 1.000 |")
+    assert row(text, "team wrong", paired=True) == "| team wrong | 1.000 [1.000, 1.000] ✓ | 1.000 [1.000, 1.000] ✓ |"
+    assert row(text, "team right") == "| team right | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000, 1.000 |"
+    # the wrong team answers 'No' to every 'Yes' and the other way round: no collapse
+    assert "†" not in row(text, "team wrong")
     # the dense baseline says 'Yes' to all: F1 of the 'Yes' class 2/3 on half the items, weighted 1/3
-    assert row(text, "dense baseline").startswith("| dense baseline | 0.333")
+    assert row(text, "dense baseline").startswith("| dense baseline | 0.333 [")
+    assert "† |" in row(text, "dense baseline")  # one answer to every item: collapsed
 
 
 def test_per_seed_means_are_each_seeds_own(tmp_path):
     mixed = write_run(tmp_path / "mixed", [GOLD, WRONG])
     text = compare([mixed])
-    assert "| team mixed | 0.500 [" in text and "| 1.000, 0.000 |" in text
+    assert row(text, "team mixed").startswith("| team mixed | 0.500 [") and row(text, "team mixed").endswith("| 1.000, 0.000 |")
 
 
 def test_runs_scored_on_other_items_or_seeds_are_refused(tmp_path):
