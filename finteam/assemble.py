@@ -39,6 +39,11 @@ from .data import load_corpus
 from .progress import log
 
 
+def average(tensors) -> torch.Tensor:
+    """The element-wise mean of same-shaped tensors, in fp32."""
+    return torch.stack([t.float() for t in tensors]).mean(0)
+
+
 def ffn(sd: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) of one Llama layer."""
     p = f"model.layers.{layer}.mlp."
@@ -67,7 +72,7 @@ def build_moe(experts: list, base=None, base_expert: bool = False, shared: str |
         if ".mlp." in name:
             continue
         if shared == "average":
-            out[name].copy_(torch.stack([sd[name].float() for sd in sds]).mean(0))
+            out[name].copy_(average(sd[name] for sd in sds))
         elif shared == "base":
             out[name].copy_(base_sd[name])
         else:
@@ -76,7 +81,7 @@ def build_moe(experts: list, base=None, base_expert: bool = False, shared: str |
         p = f"model.layers.{layer}.mlp."
         ffns = [ffn(sd, layer) for sd in sds]
         if spread != 1.0:
-            means = [torch.stack([f[i].float() for f in ffns]).mean(0) for i in range(2)]
+            means = [average(f[i] for f in ffns) for i in range(2)]
             ffns = [tuple(m + spread * (w.float() - m) for w, m in zip(f, means)) for f in ffns]
         if base_expert:
             ffns.append(ffn(base_sd, layer))
@@ -171,6 +176,6 @@ def merge(expert_dirs: list[Path], recipe: Recipe, tokenizer, out: Path, seed: i
     merged = experts[0]
     sds = [m.state_dict() for m in experts]
     for name, t in merged.state_dict().items():
-        t.copy_(torch.stack([sd[name].float() for sd in sds]).mean(0))
+        t.copy_(average(sd[name] for sd in sds))
     save_model(merged, out / "model", stamp(recipe, "merge", seed=seed), tokenizer)
     return {"params": models.num_params(merged)}
