@@ -199,6 +199,8 @@ class EvaluateConfig:
     throughput: bool = True  # measure training/prefill/decode tokens/s, eager vs finteam experts
     throughput_batch: int = setting(8, ge=1)
     throughput_seq_len: int = setting(128, ge=2)
+    # Fresh documents a role for the held-out loss table (finteam/heldout.py; the synthetic world only); 0 skips it.
+    heldout_docs: int = setting(48, ge=0)
     baselines: list[str] = setting(factory=lambda: list(BASELINES), choices=BASELINES)
 
 

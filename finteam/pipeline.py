@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import assemble, data, evaluate, instruct, metrics, mix, pretrain, report, stats
+from . import assemble, data, evaluate, heldout, instruct, metrics, mix, pretrain, report, stats
 from . import model as models
 from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
@@ -312,12 +312,45 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
             speed = evaluate.throughput_table(p.tuned(k, "team") / "model", dense, recipe.evaluate)
         gold = {t: [e.answer for e in examples] for t, examples in tests.items()}
         write_json(p.seed(k) / "eval" / "results.json", {"scores": results, "routing": table, "throughput": speed,
-                                                          "predictions": answers, "gold": gold, "compute": compute(recipe, k)})
+                                                          "predictions": answers, "gold": gold, "compute": compute(recipe, k),
+                                                          "heldout": heldout_losses(recipe, k, tok)})
         return {"models": list(results)}
 
     stage("evaluate", p.seed(k) / "eval", recipe, force, scores,
-          needs=("evaluate", "instruct.max_len", "instruct.experts_implementation"),
-          inputs=(p.data, p.tokenizer, *[p.tuned(k, name) for name in model_names(recipe)]))
+          needs=("evaluate", "instruct.max_len", "instruct.experts_implementation", "model.seq_len"),
+          inputs=(p.data, p.tokenizer, *[p.tuned(k, name) for name in model_names(recipe)],
+                  *[d.parent for d in untuned(recipe, k).values()]))
+
+
+def untuned(recipe: Recipe, k: int) -> dict[str, Path]:
+    """{label: model folder} of every scored model before instruction tuning (after the MiX
+    phase where it had one), and the base when the run trained it."""
+    p = Paths(recipe.run_dir)
+    out = {label(name): source_of(recipe, p, k, name) for name in model_names(recipe)}
+    if recipe.model.base in models.SIZES:
+        out["base"] = p.model(k, "base") / "model"
+    return out
+
+
+def heldout_losses(recipe: Recipe, k: int, tok) -> dict:
+    """{model label: {role: {"loss": [D], "tokens": [D]}}} on fresh role text (heldout.py);
+    empty when the corpora are real files."""
+    texts = heldout.texts(recipe, Paths(recipe.run_dir).data)
+    if texts is None:
+        log("evaluate  held-out loss: skipped (only the synthetic world can draw fresh role text)")
+        return {}
+    out = {}
+    for name, folder in untuned(recipe, k).items():
+        model = load_model(folder).to(device_of(recipe))
+        if instruct.is_moe(model):
+            models.use_experts(model, recipe.instruct.experts_implementation)
+        out[name] = {}
+        for role, docs in texts.items():
+            loss, tokens = heldout.doc_losses(model, tok, docs, recipe.model.seq_len, recipe.evaluate.batch_size)
+            out[name][role] = {"loss": loss, "tokens": tokens}
+        log(f"evaluate {name}  held-out loss " + "  ".join(
+            f"{role} {sum(c['loss']) / sum(c['tokens']):.3f}" for role, c in out[name].items()))
+    return out
 
 
 def compute(recipe: Recipe, k: int) -> dict:
@@ -375,10 +408,14 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
              f"({intervals['reps']} replicates, finteam/stats.py); test examples per task: "
              + ", ".join(f"{t} {len(v)}" for t, v in tests.items()) + "."]
     notes.append("Held out: no test item (prompt, or the post after `Text:` for real files) occurs in train or valid.")
+    losses = [r.get("heldout") or {} for r in per_seed]
+    heldout_loss = stats.loss_intervals(losses, label("team")) if all(losses) else None
     text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes, intervals=intervals, flags=flags,
-                           majority=majority, specialisation=specialisation, compute=per_seed[0].get("compute"))
+                           majority=majority, specialisation=specialisation, compute=per_seed[0].get("compute"),
+                           heldout=heldout_loss)
     write_json(p.run / "results.json", {"summary": summary, "intervals": intervals, "collapsed": flags, "majority": majority,
-                                        "specialisation": specialisation, "per_seed": per_seed, "throughput": speed,
+                                        "specialisation": specialisation, "heldout_loss": heldout_loss,
+                                        "per_seed": per_seed, "throughput": speed,
                                         "routing_mean": routing_mean, "tasks": meta, **stamp(recipe, "report")})
     (p.run / "results.md").write_text(text + "\n")
     return text

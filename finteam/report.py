@@ -1,6 +1,7 @@
 """The results table: every model's headline metric per task over seeds, with 95% intervals,
 the team's paired differences from every baseline, collapsed models flagged, the label prior
-(majority class), how specialised the team's routing is, and the compute behind each model.
+(majority class), how specialised the team's routing is, each model's held-out loss on each
+role's text (heldout.py), and the compute behind each model.
 
 Intervals and paired differences come from stats.py (a paired bootstrap over test items and
 seeds). A model is flagged collapsed on a label task when one answer covers more than
@@ -120,6 +121,28 @@ def specialisation_table(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def heldout_table(losses: dict) -> str:
+    """Held-out loss per role's text with 95% intervals (stats.loss_intervals), then the
+    reference model minus each other model, ✓ where the reference's loss is lower."""
+    corpora = [c for c in next(iter(losses["scores"].values())) if c != "mean"]
+    seeds = losses["seeds"] > 1
+    lines = ["| model | " + " | ".join(f"{c} text" for c in corpora) + " | mean |" + " mean per seed |" * seeds,
+             "|---|" + "---|" * (len(corpora) + 1 + seeds)]
+    for model, cells in losses["scores"].items():
+        row = [interval(cells[c]) for c in [*corpora, "mean"]]
+        if seeds:
+            row.append(", ".join(f"{v:.3f}" for v in cells["mean"]["seeds"]))
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    reference = next(m for m in losses["scores"] if m not in losses["paired"])
+    lines += ["", f"| {reference} minus | " + " | ".join(f"{c} text" for c in corpora) + " | mean |",
+              "|---|" + "---|" * (len(corpora) + 1)]
+    for model, cells in losses["paired"].items():
+        def mark(c):
+            return " ✓" if c["high"] < 0 else " ✗" if c["low"] > 0 else ""
+        lines.append(f"| {model} | " + " | ".join(interval(cells[c]) + mark(cells[c]) for c in [*corpora, "mean"]) + " |")
+    return "\n".join(lines)
+
+
 def compute_table(compute: dict) -> str:
     lines = ["| model | training tokens | training FLOPs |", "|---|---|---|"]
     lines += [f"| {m} | {c['tokens'] / 1e6:.2f}M | {c['flops']:.3g} |" for m, c in compute.items()]
@@ -144,7 +167,8 @@ def spread_table(summary: dict, meta: dict) -> str:
 
 def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, expert_names: list[str], notes: list[str],
              *, intervals: dict | None = None, flags: dict | None = None, majority: dict | None = None,
-             specialisation: list[dict] | None = None, compute: dict | None = None, reference: str = "team (MoE)") -> str:
+             specialisation: list[dict] | None = None, compute: dict | None = None, heldout: dict | None = None,
+             reference: str = "team (MoE)") -> str:
     """The whole results section. Without `intervals` the main table shows mean ± sample spread
     over seeds; with them (stats.summarise), each score's 95% interval, the paired differences
     of `reference` from every other model, and the optional sections given."""
@@ -176,6 +200,11 @@ def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, ex
         text += ("\n\nRouting specialisation of the tuned team per seed (distance: total variation from uniform, "
                  "mean over layers; role share: the task's role expert; * the top expert is the role's):\n\n")
         text += specialisation_table(specialisation)
+    if heldout:
+        text += ("\n\nHeld-out next-token loss on each role's text (nats a token, lower is better; fresh documents of the "
+                 "world no corpus holds; every model before instruction tuning, after the MiX phase where it had one; "
+                 "95% intervals from a paired bootstrap over documents and seeds; ✓ the team's loss is lower, ✗ higher):\n\n")
+        text += heldout_table(heldout)
     if compute:
         text += "\n\nCompute behind each tuned model (every training stage of its lineage; 6 x active parameters x tokens):\n\n"
         text += compute_table(compute)

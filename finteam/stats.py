@@ -115,3 +115,41 @@ def summarise(boot: Bootstrap, models: list[str], reference: str, level: float =
                          **dict(zip(("low", "high"), percentile_interval(reps[reference][t] - reps[m][t], level)))}
                      for t in point}
     return {"scores": scores, "paired": paired, "reps": boot.reps, "seeds": boot.num_seeds, "level": level}
+
+
+def loss_intervals(per_seed: list[dict], reference: str, reps: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Held-out loss (heldout.py) with the same two-level paired bootstrap: documents drawn per
+    corpus, seeds drawn per replicate. per_seed: [{model: {corpus: {"loss": [D] summed nats,
+    "tokens": [D]}}}]; a corpus's loss is its token-weighted mean, a model's "mean" the mean
+    over corpora. Returns summarise's form: "scores" (each with its per-seed values) and
+    "paired" (`reference` minus each other model)."""
+    g = torch.Generator().manual_seed(seed)
+    models, corpora = list(per_seed[0]), list(per_seed[0][reference])
+    S = len(per_seed)
+    seed_draws_RS = torch.randint(S, (reps, S), generator=g)
+    counts = {c: resample_counts(len(per_seed[0][reference][c]["loss"]), reps, g) for c in corpora}
+
+    def table(model: str, weights: dict) -> dict[str, torch.Tensor]:
+        """{corpus: [S, W]} losses under each row of `weights` ({corpus: [W, D]}), and "mean"."""
+        out = {}
+        for c in corpora:
+            loss_SD = torch.tensor([s[model][c]["loss"] for s in per_seed], dtype=torch.float64)
+            tokens_SD = torch.tensor([s[model][c]["tokens"] for s in per_seed], dtype=torch.float64)
+            out[c] = (loss_SD @ weights[c].T) / (tokens_SD @ weights[c].T)
+        out["mean"] = torch.stack(list(out.values())).mean(0)
+        return out
+
+    ones = {c: torch.ones(1, w.shape[1], dtype=torch.float64) for c, w in counts.items()}
+    scores, reps_by_model = {}, {}
+    for m in models:
+        point = table(m, ones)  # {corpus: [S, 1]}
+        drawn = table(m, counts)  # {corpus: [S, R]}
+        reps_by_model[m] = {c: v.gather(0, seed_draws_RS.T).mean(0) for c, v in drawn.items()}
+        scores[m] = {c: {"value": float(v.mean()), "seeds": v[:, 0].tolist(),
+                         **dict(zip(("low", "high"), percentile_interval(reps_by_model[m][c], level)))}
+                     for c, v in point.items()}
+    paired = {m: {c: {"value": scores[reference][c]["value"] - scores[m][c]["value"],
+                      **dict(zip(("low", "high"), percentile_interval(reps_by_model[reference][c] - reps_by_model[m][c], level)))}
+                  for c in scores[m]}
+              for m in models if m != reference}
+    return {"scores": scores, "paired": paired, "reps": reps, "seeds": S, "level": level}

@@ -33,6 +33,11 @@ def test_run_writes_the_results_table_and_heat_map(smoke_run, capsys):
     assert set(routing) == {"sentiment", "headlines", "ner", "numeric", "movement"}
     for shares in routing.values():
         assert sum(shares) == pytest.approx(1.0)
+    assert "Held-out next-token loss on each role's text" in table
+    losses = results["heldout_loss"]["scores"]
+    assert set(losses) == {"team (MoE)", "dense baseline", "macro expert", "micro expert", "quant expert", "uniform merge", "base"}
+    for model, cells in losses.items():
+        assert set(cells) == {"macro", "micro", "quant", "mean"} and all(0 < c["value"] < 20 for c in cells.values()), model
 
 
 def test_every_checkpoint_carries_recipe_and_version(smoke_run):

@@ -1,0 +1,76 @@
+"""Held-out next-token loss on each role's text: does each expert know its corpus, and does the
+team know all three?
+
+Branch-Train-MiX reports this first (per-domain perplexity): an expert should be best on its
+own domain and poor off it, and the mixed team should come close to each expert on that
+expert's domain while the merge of the same experts falls between. The task scores cannot show
+this when the tasks do not lean on what the corpora teach, so the evaluate stage measures it
+directly, on every model before instruction tuning (after the MiX phase where there is one).
+
+The texts are fresh documents of the synthetic world: the role corpora's generators run again
+with another seed, and any document that occurs verbatim in a training corpus is dropped, so
+every text is held out as text (the world's facts are the same; that is the point). Real
+corpora (`data.source: files`) have no generator, so they get no held-out text.
+
+Each document is scored alone, up to `model.seq_len` tokens: its summed loss and its number of
+predicted tokens, so that a corpus's loss is a token-weighted mean and `stats.loss_intervals`
+can resample documents.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from . import prose
+from .config import ROLES, Recipe
+from .data import load_corpus
+from .synthetic import World
+
+SEED = "heldout"  # the generators' seed for held-out text: no training corpus is drawn with it
+
+
+def texts(recipe: Recipe, data_dir: Path) -> dict[str, list[str]] | None:
+    """{role: `evaluate.heldout_docs` documents none of the training corpora holds}, or None
+    when the corpora are real files (nothing can draw fresh documents of them)."""
+    n = recipe.evaluate.heldout_docs
+    if recipe.data.source != "synthetic" or n == 0:
+        return None
+    world = World(recipe.data.world, recipe.seed)  # the data stage's world: the same facts
+    trained = "\n".join(d for role in ROLES for d in load_corpus(data_dir, role))
+    out = {}
+    for role in ROLES:
+        r, docs, seen = random.Random(f"{SEED}-{role}"), [], set()
+        for _ in range(100 * n):  # each role has thousands of distinct documents; this never runs dry in practice
+            doc = prose.role_document(world, r, role)
+            if doc not in seen and doc not in trained:
+                seen.add(doc)
+                docs.append(doc)
+                if len(docs) == n:
+                    break
+        if len(docs) < n:
+            raise ValueError(f"held-out text: only {len(docs)} of {n} {role} documents are new to the corpora; "
+                             "lower evaluate.heldout_docs")
+        out[role] = docs
+    return out
+
+
+@torch.no_grad()
+def doc_losses(model, tokenizer, docs: list[str], max_len: int, batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """(summed next-token loss, predicted tokens) of each document, its first `max_len` tokens."""
+    model.eval()
+    losses, counts = [], []
+    for start in range(0, len(docs), batch_size):
+        encoded = [tokenizer(d, add_special_tokens=False)["input_ids"][:max_len] for d in docs[start : start + batch_size]]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
+        logits_BTV = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        target_BT, keep_BT = ids[:, 1:].to(logits_BTV.device), mask[:, 1:].bool().to(logits_BTV.device)
+        nll_BT = torch.nn.functional.cross_entropy(logits_BTV[:, :-1].transpose(1, 2), target_BT, reduction="none")
+        losses += (nll_BT * keep_BT).sum(1).tolist()
+        counts += keep_BT.sum(1).tolist()
+    return losses, counts
