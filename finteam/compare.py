@@ -6,7 +6,8 @@ Each argument is a run folder (`out_dir`) holding the results.json that `finteam
 `finteam evaluate` wrote, with an optional `:label`. The first run's team is the reference;
 the tables are the results table's (finteam/report.py): its baselines (dense, experts, merge)
 and every run's team, each score with its 95% interval and collapses marked, then the reference
-team minus each of them per task and on the mean, from the same paired bootstrap (finteam/stats.py). A
+team minus each of them per task and on the mean, from the same paired bootstrap (finteam/stats.py),
+and the same for the held-out loss on each role's text when every run measured it. A
 comparison of two team settings is a result only when they were scored on the same items with
 the same seeds, so runs whose test items or seed counts differ are refused.
 """
@@ -76,4 +77,19 @@ def compare(args: list[str]) -> str:
         "items in some seed).", "",
         report.interval_table(out, meta, report.collapsed(predictions, meta), first.get("majority", {})), "",
         f"{teams[0]} minus each model (95% interval; ✓ ahead, ✗ behind, interval excluding zero):", "",
-        report.paired_table(out, meta, teams[0])])
+        report.paired_table(out, meta, teams[0]), "", heldout_section(runs, teams)])
+
+
+def heldout_section(runs: dict[str, dict], teams: list[str]) -> str:
+    """The held-out loss table (report.heldout_table) of the first run's baselines and every
+    run's team, when every run measured it on the same documents; else a line saying why not."""
+    per_run = [[s.get("heldout") or {} for s in run["per_seed"]] for run in runs.values()]
+    if not all(all(seeds) for seeds in per_run):
+        return "Held-out loss: not in every run (runs of real corpora, or evaluated before it existed)."
+    tokens = [[{c: v["tokens"] for c, v in s[TEAM].items()} for s in seeds] for seeds in per_run]
+    if any(t != tokens[0] for t in tokens[1:]):
+        return "Held-out loss: the runs scored other documents (evaluate.heldout_docs or the tokenizer differ)."
+    merged = [{**{m: v for m, v in seed.items() if m != TEAM},
+               **{team: seeds[k][TEAM] for team, seeds in zip(teams, per_run)}} for k, seed in enumerate(per_run[0])]
+    return ("Held-out next-token loss on each role's text (nats a token; each model before tuning; ✓ the first team's "
+            "loss is lower, ✗ higher):\n\n" + report.heldout_table(stats.loss_intervals(merged, teams[0])))

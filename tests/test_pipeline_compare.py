@@ -11,11 +11,16 @@ GOLD = ["Yes", "No", "Yes", "No", "Yes", "No", "Yes", "No"]
 WRONG = ["No" if g == "Yes" else "Yes" for g in GOLD]
 
 
-def write_run(folder, teams, gold=GOLD):
+def write_run(folder, teams, gold=GOLD, team_loss=None):
     """A run folder's results.json: one label task, the team's answers per seed, a dense baseline
-    that always says 'Yes'."""
+    that always says 'Yes'; with `team_loss`, held-out losses: four one-token macro documents,
+    the team's each `team_loss` nats, the dense baseline's 2."""
     per_seed = [{"predictions": {"team (MoE)": {"headlines": team}, "dense baseline": {"headlines": ["Yes"] * len(gold)}},
                  "gold": {"headlines": gold}} for team in teams]
+    if team_loss is not None:
+        for seed in per_seed:
+            seed["heldout"] = {m: {"macro": {"loss": [v] * 4, "tokens": [1] * 4}}
+                               for m, v in (("team (MoE)", team_loss), ("dense baseline", 2.0))}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
         "per_seed": per_seed,
@@ -65,3 +70,14 @@ def test_runs_scored_on_other_items_or_seeds_are_refused(tmp_path):
 def test_the_command_names_a_missing_run_and_exits_2(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "nowhere")]) == 2
     assert "results.json does not exist" in capsys.readouterr().err
+
+
+def test_held_out_loss_of_every_team_beside_the_first_runs_baselines(tmp_path):
+    a = write_run(tmp_path / "a", [GOLD, GOLD], team_loss=1.0)
+    b = write_run(tmp_path / "b", [GOLD, GOLD], team_loss=1.5)
+    held = compare([a, b]).split("Held-out next-token loss")[1]
+    assert "| team a | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000, 1.000 |" in held
+    assert "| team b | 1.500 [1.500, 1.500] |" in held and "| dense baseline | 2.000 [2.000, 2.000] |" in held
+    assert "| team b | -0.500 [-0.500, -0.500] ✓ |" in held  # the first team's loss is lower
+    without = write_run(tmp_path / "c", [GOLD, GOLD])
+    assert "Held-out loss: not in every run" in compare([a, without])
