@@ -7,10 +7,11 @@ expert's domain while the merge of the same experts falls between. The task scor
 this when the tasks do not lean on what the corpora teach, so the evaluate stage measures it
 directly, on every model before instruction tuning (after the MiX phase where there is one).
 
-The texts are fresh documents of the synthetic world: the role corpora's generators run again
-with another seed, and any document that occurs verbatim in a training corpus is dropped, so
-every text is held out as text (the world's facts are the same; that is the point). Real
-corpora (`data.source: files`) have no generator, so they get no held-out text.
+The texts are the recipe's `data.heldout` files where it names them (any role it leaves out is
+not scored), else fresh documents of the synthetic world: the role corpora's generators run
+again with another seed (the world's facts are the same; that is the point). Either way a
+document that a training corpus holds is dropped, so every text is held out as text. Real
+corpora without `data.heldout` have no generator, so they get no held-out text.
 
 Each document is scored alone, up to `model.seq_len` tokens: its summed loss and its number of
 predicted tokens, so that a corpus's loss is a token-weighted mean and `stats.loss_intervals`
@@ -25,19 +26,28 @@ import torch
 
 from . import prose
 from .config import ROLES, Recipe
-from .data import load_corpus
+from .data import load_corpus, read_texts
 from .synthetic import World
 
 SEED = "heldout"  # the generators' seed for held-out text: no training corpus is drawn with it
 
 
 def texts(recipe: Recipe, data_dir: Path) -> dict[str, list[str]] | None:
-    """{role: `evaluate.heldout_docs` documents none of the training corpora holds}, or None
-    when the corpora are real files (nothing can draw fresh documents of them)."""
-    n = recipe.evaluate.heldout_docs
-    if recipe.data.source != "synthetic" or n == 0:
+    """{role: up to `evaluate.heldout_docs` documents none of the training corpora holds}, or
+    None when there is nothing to score (real corpora without `data.heldout`, or 0 documents)."""
+    n, cfg = recipe.evaluate.heldout_docs, recipe.data
+    if n == 0 or not cfg.heldout and cfg.source != "synthetic":
         return None
-    world = World(recipe.data.world, recipe.seed)  # the data stage's world: the same facts
+    if cfg.heldout:
+        trained_docs = {d for role in ROLES for d in load_corpus(data_dir, role)}
+        out = {}
+        for role, specs in cfg.heldout.items():
+            docs = [d for spec in specs for d in read_texts(spec, cfg.text_field) if d not in trained_docs]
+            if not docs:
+                raise ValueError(f"held-out text: data.heldout.{role} holds no document that the training corpora do not")
+            out[role] = docs[:n]
+        return out
+    world = World(cfg.world, recipe.seed)  # the data stage's world: the same facts
     trained = "\n".join(d for role in ROLES for d in load_corpus(data_dir, role))
     out = {}
     for role in ROLES:

@@ -2,6 +2,7 @@
 new to every corpus, each document's loss is the model's own, and the intervals are those of a
 case worked by hand."""
 import dataclasses
+import json
 import math
 import random
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from finteam import heldout, model as models, prose, report, stats
-from finteam.config import ROLES, load_recipe
+from finteam.config import ROLES, RecipeError, load_recipe
 from finteam.data import load_corpus
 from finteam.data import run as run_data
 from finteam.synthetic import World
@@ -125,3 +126,23 @@ def test_table_marks_the_lower_loss_as_the_teams_lead():
     assert "| worse | -1.000 [-1.000, -1.000] ✓ |" in table
     assert "| better | 0.500 [0.500, 0.500] ✗ |" in table
     assert "| team | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in table
+
+
+def test_heldout_files_are_read_without_what_the_corpora_hold(smoke_data, tmp_path):
+    recipe, data_dir = smoke_data
+    known = load_corpus(data_dir, "macro")[0]
+    fresh = [f"A held-out note number {i} on rates." for i in range(20)]
+    path = tmp_path / "macro.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [known, *fresh]))
+    files = load_recipe("smoke", [f"out_dir={tmp_path}", "evaluate.heldout_docs=12", f"data.heldout.macro=[{path}]"])
+    texts = heldout.texts(files, data_dir)
+    assert texts == {"macro": fresh[:12]}  # the corpus's document dropped, capped at heldout_docs, other roles not scored
+    real = dataclasses.replace(files, data=dataclasses.replace(files.data, source="files"))
+    assert heldout.texts(real, data_dir) == texts  # real corpora are scored on the files too
+
+
+def test_heldout_files_are_checked_with_the_recipe(tmp_path):
+    with pytest.raises(RecipeError, match=r"data.heldout takes the roles macro, micro, quant; got macor"):
+        load_recipe("smoke", [f"data.heldout.macor=[{tmp_path}]"])
+    with pytest.raises(RecipeError, match=r"data.heldout.quant names '.*nothing.jsonl', which does not exist"):
+        load_recipe("smoke", [f"data.heldout.quant=[{tmp_path / 'nothing.jsonl'}]"])
