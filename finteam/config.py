@@ -83,9 +83,6 @@ class DataConfig:
     # `hf:NAME[:CONFIG][@SPLIT]` for a Hugging Face dataset read through `datasets`.
     corpora: dict[str, list[str]] = field(default_factory=dict)
     text_field: str = setting("text", check=_nonempty)  # the column that holds a document in JSONL/Parquet/HF sources
-    # Per role, held-out text in the same forms as `corpora`, for the held-out loss table (finteam/heldout.py);
-    # a role left out is not scored. Without it, the synthetic world draws fresh documents and real corpora get no table.
-    heldout: dict[str, list[str]] = field(default_factory=dict)
     instructions: list[InstructionSource] = field(default_factory=list)
     # Instruction files replace the synthetic world's tasks; true keeps both.
     keep_synthetic_tasks: bool = False
@@ -202,8 +199,11 @@ class EvaluateConfig:
     throughput: bool = True  # measure training/prefill/decode tokens/s, eager vs finteam experts
     throughput_batch: int = setting(8, ge=1)
     throughput_seq_len: int = setting(128, ge=2)
-    # Fresh documents a role for the held-out loss table (finteam/heldout.py; the synthetic world only); 0 skips it.
+    # Documents a role for the held-out loss table (finteam/heldout.py); 0 skips it.
     heldout_docs: int = setting(48, ge=0)
+    # Per role, held-out text in the same forms as `data.corpora` (read with `data.text_field`); a role left out
+    # is not scored. Without it, the synthetic world draws fresh documents and real corpora get no table.
+    heldout_files: dict[str, list[str]] = field(default_factory=dict)
     baselines: list[str] = setting(factory=lambda: list(BASELINES), choices=BASELINES)
 
 
@@ -418,9 +418,9 @@ def check(recipe: Recipe, where: str, check_inputs: bool = True) -> None:
         if not data.instructions and not data.keep_synthetic_tasks:
             raise RecipeError(f"recipe {where}: data.source is files but data.instructions is empty "
                               "(or set keep_synthetic_tasks to use the synthetic tasks)")
-    unknown = sorted(set(data.heldout) - set(ROLES))
+    unknown = sorted(set(recipe.evaluate.heldout_files) - set(ROLES))
     if unknown:
-        raise RecipeError(f"recipe {where}: data.heldout takes the roles {', '.join(ROLES)}; got {', '.join(unknown)}")
+        raise RecipeError(f"recipe {where}: evaluate.heldout_files takes the roles {', '.join(ROLES)}; got {', '.join(unknown)}")
     for i, task in enumerate(data.instructions):
         if not task.name or not task.train or not task.test:
             raise RecipeError(f"recipe {where}: data.instructions[{i}] needs name, train and test")
@@ -496,8 +496,8 @@ def input_files(recipe: Recipe) -> list[tuple[str, str, str]]:
     if recipe.data.source == "files":
         for role, specs in recipe.data.corpora.items():
             found += [(s, f"data.corpora.{role}", "corpus") for s in specs if not s.startswith("hf:")]
-    for role, specs in recipe.data.heldout.items():
-        found += [(s, f"data.heldout.{role}", "corpus") for s in specs if not s.startswith("hf:")]
+    for role, specs in recipe.evaluate.heldout_files.items():
+        found += [(s, f"evaluate.heldout_files.{role}", "corpus") for s in specs if not s.startswith("hf:")]
     for i, task in enumerate(recipe.data.instructions):
         found += [(p, f"data.instructions[{i}].{k}", "file")
                   for k, p in (("train", task.train), ("valid", task.valid), ("test", task.test)) if p]

@@ -7,11 +7,11 @@ expert's domain while the merge of the same experts falls between. The task scor
 this when the tasks do not lean on what the corpora teach, so the evaluate stage measures it
 directly, on every model before instruction tuning (after the MiX phase where there is one).
 
-The texts are the recipe's `data.heldout` files where it names them (any role it leaves out is
+The texts are the recipe's `evaluate.heldout_files` where it names them (any role it leaves out is
 not scored), else fresh documents of the synthetic world: the role corpora's generators run
 again with another seed (the world's facts are the same; that is the point). Either way a
 document that a training corpus holds is dropped, so every text is held out as text. Real
-corpora without `data.heldout` have no generator, so they get no held-out text.
+corpora without `evaluate.heldout_files` have no generator, so they get no held-out text.
 
 Each document is scored alone, up to `model.seq_len` tokens: its summed loss and its number of
 predicted tokens, so that a corpus's loss is a token-weighted mean and `stats.loss_intervals`
@@ -34,17 +34,18 @@ SEED = "heldout"  # the generators' seed for held-out text: no training corpus i
 
 def texts(recipe: Recipe, data_dir: Path) -> dict[str, list[str]] | None:
     """{role: up to `evaluate.heldout_docs` documents none of the training corpora holds}, or
-    None when there is nothing to score (real corpora without `data.heldout`, or 0 documents)."""
-    n, cfg = recipe.evaluate.heldout_docs, recipe.data
-    if n == 0 or not cfg.heldout and cfg.source != "synthetic":
+    None when there is nothing to score (real corpora without `evaluate.heldout_files`, or 0 documents)."""
+    n, files, cfg = recipe.evaluate.heldout_docs, recipe.evaluate.heldout_files, recipe.data
+    if n == 0 or not files and cfg.source != "synthetic":
         return None
-    if cfg.heldout:
+    if files:
         trained_docs = {d for role in ROLES for d in load_corpus(data_dir, role)}
         out = {}
-        for role, specs in cfg.heldout.items():
+        for role, specs in files.items():
             docs = [d for spec in specs for d in read_texts(spec, cfg.text_field) if d not in trained_docs]
             if not docs:
-                raise ValueError(f"held-out text: data.heldout.{role} holds no document that the training corpora do not")
+                raise ValueError(f"held-out text: evaluate.heldout_files.{role} holds no document that the training "
+                                 "corpora do not")
             out[role] = docs[:n]
         return out
     world = World(cfg.world, recipe.seed)  # the data stage's world: the same facts

@@ -317,8 +317,7 @@ def run_evaluate(recipe: Recipe, k: int, force: bool = False) -> None:
         return {"models": list(results)}
 
     stage("evaluate", p.seed(k) / "eval", recipe, force, scores,
-          needs=("evaluate", "instruct.max_len", "instruct.experts_implementation", "model.seq_len", "data.heldout",
-                 "data.text_field"),
+          needs=("evaluate", "instruct.max_len", "instruct.experts_implementation", "model.seq_len", "data.text_field"),
           inputs=(p.data, p.tokenizer, *[p.tuned(k, name) for name in model_names(recipe)],
                   *[d.parent for d in untuned(recipe, k).values()]))
 
@@ -338,7 +337,7 @@ def heldout_losses(recipe: Recipe, k: int, tok) -> dict:
     empty when the corpora are real files."""
     texts = heldout.texts(recipe, Paths(recipe.run_dir).data)
     if texts is None:
-        log("evaluate  held-out loss: skipped (real corpora need data.heldout files; the synthetic world draws its own)")
+        log("evaluate  held-out loss: skipped (real corpora need evaluate.heldout_files; the synthetic world draws its own)")
         return {}
     out = {}
     for name, folder in untuned(recipe, k).items():

@@ -134,7 +134,7 @@ def test_heldout_files_are_read_without_what_the_corpora_hold(smoke_data, tmp_pa
     fresh = [f"A held-out note number {i} on rates." for i in range(20)]
     path = tmp_path / "macro.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [known, *fresh]))
-    files = load_recipe("smoke", [f"out_dir={tmp_path}", "evaluate.heldout_docs=12", f"data.heldout.macro=[{path}]"])
+    files = load_recipe("smoke", [f"out_dir={tmp_path}", "evaluate.heldout_docs=12", f"evaluate.heldout_files.macro=[{path}]"])
     texts = heldout.texts(files, data_dir)
     assert texts == {"macro": fresh[:12]}  # the corpus's document dropped, capped at heldout_docs, other roles not scored
     real = dataclasses.replace(files, data=dataclasses.replace(files.data, source="files"))
@@ -142,7 +142,19 @@ def test_heldout_files_are_read_without_what_the_corpora_hold(smoke_data, tmp_pa
 
 
 def test_heldout_files_are_checked_with_the_recipe(tmp_path):
-    with pytest.raises(RecipeError, match=r"data.heldout takes the roles macro, micro, quant; got macor"):
-        load_recipe("smoke", [f"data.heldout.macor=[{tmp_path}]"])
-    with pytest.raises(RecipeError, match=r"data.heldout.quant names '.*nothing.jsonl', which does not exist"):
-        load_recipe("smoke", [f"data.heldout.quant=[{tmp_path / 'nothing.jsonl'}]"])
+    with pytest.raises(RecipeError, match=r"evaluate.heldout_files takes the roles macro, micro, quant; got macor"):
+        load_recipe("smoke", [f"evaluate.heldout_files.macor=[{tmp_path}]"])
+    with pytest.raises(RecipeError, match=r"evaluate.heldout_files.quant names '.*nothing.jsonl', which does not exist"):
+        load_recipe("smoke", [f"evaluate.heldout_files.quant=[{tmp_path / 'nothing.jsonl'}]"])
+
+
+def test_heldout_settings_rerun_only_the_evaluation(tmp_path):
+    from finteam.config import settings_of
+
+    path = tmp_path / "macro.jsonl"
+    path.write_text(json.dumps({"text": "a held-out note"}) + "\n")
+    a = load_recipe("smoke")
+    b = load_recipe("smoke", ["evaluate.heldout_docs=3", f"evaluate.heldout_files.macro=[{path}]"])
+    for needs in (("seed", "data"), ("tokenizer",), ("model", "pretrain"), ("assemble",), ("mix",), ("instruct",)):
+        assert settings_of(a, needs) == settings_of(b, needs), needs
+    assert settings_of(a, ("evaluate",)) != settings_of(b, ("evaluate",))
