@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from . import prose
+from .batches import pad_batch
 from .config import ROLES, Recipe
 from .data import load_corpus, read_texts
+from .instruct import row_nll
 from .synthetic import World
 
 SEED = "heldout"  # the generators' seed for held-out text: no training corpus is drawn with it
@@ -73,15 +75,11 @@ def doc_losses(model, tokenizer, docs: list[str], max_len: int, batch_size: int 
     model.eval()
     losses, counts = [], []
     for start in range(0, len(docs), batch_size):
-        encoded = [tokenizer(d, add_special_tokens=False)["input_ids"][:max_len] for d in docs[start : start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
-        logits_BTV = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        target_BT, keep_BT = ids[:, 1:].to(logits_BTV.device), mask[:, 1:].bool().to(logits_BTV.device)
-        nll_BT = torch.nn.functional.cross_entropy(logits_BTV[:, :-1].transpose(1, 2), target_BT, reduction="none")
-        losses += (nll_BT * keep_BT).sum(1).tolist()
-        counts += keep_BT.sum(1).tolist()
+        # Each document as the "answer" of an empty prompt: every token of it is scored.
+        pairs = [([], tokenizer(d, add_special_tokens=False)["input_ids"][:max_len]) for d in docs[start : start + batch_size]]
+        batch = {k: v.to(model.device) for k, v in pad_batch(pairs, tokenizer.pad_token_id).items()}
+        loss_B, tokens_B = row_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch["labels"])
+        losses += loss_B.tolist()
+        counts += tokens_B.tolist()
     return losses, counts

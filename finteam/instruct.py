@@ -50,20 +50,25 @@ def select_trainable(model, trainable: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def row_nll(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss [B], scored tokens [B]) of each row: position t predicts
+    labels[t + 1], and labels of IGNORE are not scored."""
+    target_BL = labels_BL[:, 1:]
+    scored_BL = target_BL != IGNORE
+    # Only the scored positions' logits are widened: a few answer tokens of each example, not
+    # the whole padded batch times the vocabulary.
+    per_token_A = F.cross_entropy(logits_BLV[:, :-1][scored_BL].float(), target_BL[scored_BL], reduction="none")
+    row_A = scored_BL.nonzero()[:, 0]
+    return per_token_A.new_zeros(len(labels_BL)).index_add(0, row_A, per_token_A), scored_BL.sum(1)
+
+
 def example_loss(model, batch: dict) -> torch.Tensor:
     """Answer-token cross-entropy averaged within each example, then over the examples that
     have an answer token, plus the team's load-balancing loss where the model returns one (as
     transformers adds it to its own loss). A token mean would let the long answers (entity
     lists, numbers) outweigh the one-word labels of the classification tasks several times."""
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    target_BL = batch["labels"][:, 1:]
-    answered_BL = target_BL != IGNORE
-    # Only the answer positions' logits are widened and scored: a few tokens of each example,
-    # not the whole padded batch times the vocabulary.
-    per_token_A = F.cross_entropy(out.logits[:, :-1][answered_BL].float(), target_BL[answered_BL], reduction="none")
-    example_A = answered_BL.nonzero()[:, 0]
-    answered_B = answered_BL.sum(1)
-    per_example_B = per_token_A.new_zeros(len(answered_B)).index_add(0, example_A, per_token_A)
+    per_example_B, answered_B = row_nll(out.logits, batch["labels"])
     loss = (per_example_B / answered_B.clamp_min(1)).sum() / (answered_B > 0).sum().clamp_min(1)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
