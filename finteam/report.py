@@ -95,12 +95,16 @@ def interval_table(summary: dict, meta: dict, flags: dict, majority: dict) -> st
     return "\n".join(lines)
 
 
+def mark(c: dict, lower_is_better: bool = False) -> str:
+    """✓ when a paired difference's interval puts the reference ahead, ✗ behind, else nothing."""
+    ahead, behind = (c["high"] < 0, c["low"] > 0) if lower_is_better else (c["low"] > 0, c["high"] < 0)
+    return " ✓" if ahead else " ✗" if behind else ""
+
+
 def paired_table(summary: dict, meta: dict, reference: str) -> str:
     tasks = list(meta)
     lines = [f"| {reference} minus | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     for model, cells in summary["paired"].items():
-        def mark(c):
-            return " ✓" if c["low"] > 0 else " ✗" if c["high"] < 0 else ""
         lines.append(f"| {model} | " + " | ".join(interval(cells[t]) + mark(cells[t]) for t in [*tasks, "mean"]) + " |")
     return "\n".join(lines)
 
@@ -137,9 +141,8 @@ def heldout_table(losses: dict) -> str:
     lines += ["", f"| {reference} minus | " + " | ".join(f"{c} text" for c in corpora) + " | mean |",
               "|---|" + "---|" * (len(corpora) + 1)]
     for model, cells in losses["paired"].items():
-        def mark(c):
-            return " ✓" if c["high"] < 0 else " ✗" if c["low"] > 0 else ""
-        lines.append(f"| {model} | " + " | ".join(interval(cells[c]) + mark(cells[c]) for c in [*corpora, "mean"]) + " |")
+        lines.append(f"| {model} | " + " | ".join(interval(cells[c]) + mark(cells[c], lower_is_better=True)
+                                                  for c in [*corpora, "mean"]) + " |")
     return "\n".join(lines)
 
 

@@ -129,22 +129,23 @@ def loss_intervals(per_seed: list[dict], reference: str, reps: int = 2000, seed:
     seed_draws_RS = torch.randint(S, (reps, S), generator=g)
     counts = {c: resample_counts(len(per_seed[0][reference][c]["loss"]), reps, g) for c in corpora}
 
-    def table(model: str, weights: dict) -> dict[str, torch.Tensor]:
-        """{corpus: [S, W]} losses under each row of `weights` ({corpus: [W, D]}), and "mean"."""
+    def table(model: str) -> dict[str, torch.Tensor]:
+        """{corpus: [S, 1 + R]} token-weighted losses, on all documents (column 0) and on each
+        replicate's draw, and their "mean" over corpora."""
         out = {}
         for c in corpora:
-            loss_SD = torch.tensor([s[model][c]["loss"] for s in per_seed], dtype=torch.float64)
-            tokens_SD = torch.tensor([s[model][c]["tokens"] for s in per_seed], dtype=torch.float64)
-            out[c] = (loss_SD @ weights[c].T) / (tokens_SD @ weights[c].T)
+            weights_WD = torch.cat([torch.ones(1, counts[c].shape[1], dtype=torch.float64), counts[c]])
+            loss_SD, tokens_SD = (torch.tensor([s[model][c][k] for s in per_seed], dtype=torch.float64)
+                                  for k in ("loss", "tokens"))
+            out[c] = (loss_SD @ weights_WD.T) / (tokens_SD @ weights_WD.T)
         out["mean"] = torch.stack(list(out.values())).mean(0)
         return out
 
-    ones = {c: torch.ones(1, w.shape[1], dtype=torch.float64) for c, w in counts.items()}
     scores, reps_by_model = {}, {}
     for m in models:
-        point = table(m, ones)  # {corpus: [S, 1]}
-        drawn = table(m, counts)  # {corpus: [S, R]}
-        reps_by_model[m] = {c: v.gather(0, seed_draws_RS.T).mean(0) for c, v in drawn.items()}
+        both = table(m)
+        point = {c: v[:, :1] for c, v in both.items()}  # {corpus: [S, 1]}
+        reps_by_model[m] = {c: v[:, 1:].gather(0, seed_draws_RS.T).mean(0) for c, v in both.items()}
         scores[m] = {c: {"value": float(v.mean()), "seeds": v[:, 0].tolist(),
                          **dict(zip(("low", "high"), percentile_interval(reps_by_model[m][c], level)))}
                      for c, v in point.items()}
