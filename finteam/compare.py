@@ -75,7 +75,7 @@ def compare(args: list[str]) -> str:
         f"{out['seeds']} seed(s); 95% intervals from a paired bootstrap over test items and seeds ({out['reps']} "
         "replicates); the baselines are the first run's; † collapsed (one answer to more than 90% of a label task's "
         "items in some seed).", "",
-        report.interval_table(out, meta, report.collapsed(predictions, meta), first.get("majority", {})), "",
+        report.interval_table(out, meta, report.collapsed(predictions, meta), report.references(first)), "",
         f"{teams[0]} minus each model (95% interval; ✓ ahead, ✗ behind, interval excluding zero):", "",
         report.paired_table(out, meta, teams[0]), "", heldout_section(runs, teams)])
 

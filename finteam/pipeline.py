@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import assemble, data, evaluate, heldout, instruct, metrics, mix, pretrain, report, stats
+from . import assemble, bag_of_words, data, evaluate, heldout, instruct, metrics, mix, pretrain, report, stats
 from . import model as models
 from . import tokenizer as tokenizers
 from .checkpoint import done, load_model, mark_done, stamp, write_json
@@ -401,8 +401,14 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     intervals = stats.summarise(stats.Bootstrap(tasks, predictions, recipe.evaluate.numeric_tolerance), list(predictions),
                                 label("team"))
     flags = report.collapsed(predictions, meta)
-    majority = {t: evaluate.scores({t: metrics.majority_answers(gold[t])}, tests, meta, recipe.evaluate)[t]
-                [metrics.HEADLINE[meta[t]["metric"]]] for t in tests if meta[t]["choices"]}
+
+    def reference(answers: dict[str, list[str]]) -> dict[str, float]:  # {task: headline score} of a reference's answers
+        return {t: evaluate.scores({t: a}, tests, meta, recipe.evaluate)[t][metrics.HEADLINE[meta[t]["metric"]]]
+                for t, a in answers.items()}
+
+    labelled = [t for t in tests if meta[t]["choices"]]
+    majority = reference({t: metrics.majority_answers(gold[t]) for t in labelled})
+    bow = reference(bag_of_words_answers(p.data, tests, labelled))
     specialisation = [report.routing_specialisation(r["routing"], meta, expert_names(recipe)) for r in per_seed if r["routing"]]
     notes = [f"{len(seeds)} seed(s); each score with its 95% interval from a paired bootstrap over test items and seeds "
              f"({intervals['reps']} replicates, finteam/stats.py); test examples per task: "
@@ -411,14 +417,25 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     losses = [r.get("heldout") or {} for r in per_seed]
     heldout_loss = stats.loss_intervals(losses, label("team")) if all(losses) else None
     text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes, intervals=intervals, flags=flags,
-                           majority=majority, specialisation=specialisation, compute=per_seed[0].get("compute"),
-                           heldout=heldout_loss)
+                           references={"majority class": majority, "bag of words": bow}, specialisation=specialisation,
+                           compute=per_seed[0].get("compute"), heldout=heldout_loss)
     write_json(p.run / "results.json", {"summary": summary, "intervals": intervals, "collapsed": flags, "majority": majority,
-                                        "specialisation": specialisation, "heldout_loss": heldout_loss,
+                                        "bag_of_words": bow, "specialisation": specialisation, "heldout_loss": heldout_loss,
                                         "per_seed": per_seed, "throughput": speed,
                                         "routing_mean": routing_mean, "tasks": meta, **stamp(recipe, "report")})
     (p.run / "results.md").write_text(text + "\n")
     return text
+
+
+def bag_of_words_answers(data_dir: Path, tests: dict, tasks: list[str]) -> dict[str, list[str]]:
+    """{task: answers} of the bag-of-words reference (bag_of_words.py) on each task's test items,
+    trained on the task's training examples, its strength picked on the valid ones."""
+    splits = {split: {} for split in ("train", "valid")}
+    for split, by_task in splits.items():
+        for ex in data.load_tasks(data_dir, split):
+            by_task.setdefault(ex.task, []).append((ex.prompt, ex.answer))
+    return {t: bag_of_words.answers(splits["train"].get(t, []), splits["valid"].get(t, []), [e.prompt for e in tests[t]])
+            for t in tasks if splits["train"].get(t)}
 
 
 def run_all(recipe: Recipe, seeds: int = 1, force: bool = False) -> str:

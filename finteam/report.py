@@ -1,6 +1,6 @@
 """The results table: every model's headline metric per task over seeds, with 95% intervals,
-the team's paired differences from every baseline, collapsed models flagged, the label prior
-(majority class), how specialised the team's routing is, each model's held-out loss on each
+the team's paired differences from every baseline, collapsed models flagged, two references
+for each label task (the majority class; a bag-of-words model, bag_of_words.py), how specialised the team's routing is, each model's held-out loss on each
 role's text (heldout.py), and the compute behind each model.
 
 Intervals and paired differences come from stats.py (a paired bootstrap over test items and
@@ -75,9 +75,10 @@ def interval(c: dict, digits: int = 3) -> str:
     return f"{c['value']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
 
 
-def interval_table(summary: dict, meta: dict, flags: dict, majority: dict) -> str:
+def interval_table(summary: dict, meta: dict, flags: dict, references: dict[str, dict]) -> str:
     """Every model's headline score per task and its mean, each with its 95% interval; † marks
-    a collapsed model; the last row is the majority-class score of each label task."""
+    a collapsed model; then one row per reference ({row name: {task: score}}: the majority
+    class, the bag-of-words model), "-" where a reference has no score for a task."""
     tasks = list(meta)
     seeds = summary["seeds"]
     lines = ["| model | " + " | ".join(f"{t} ({HEADLINE[meta[t]['metric']]})" for t in tasks) + " | mean |"
@@ -89,10 +90,16 @@ def interval_table(summary: dict, meta: dict, flags: dict, majority: dict) -> st
         if seeds > 1:
             row.append(", ".join(f"{v:.3f}" for v in cells["mean"]["seeds"]))
         lines.append(f"| {model} | " + " | ".join(row) + " |")
-    if majority:
-        lines.append("| majority class | " + " | ".join(f"{majority[t]:.3f}" if t in majority else "-" for t in tasks)
-                     + " | - |" + " |" * (seeds > 1))
+    for name, scores in references.items():
+        if scores:
+            lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks)
+                         + " | - |" + " |" * (seeds > 1))
     return "\n".join(lines)
+
+
+def references(results: dict) -> dict[str, dict]:
+    """The reference rows of a run's results.json, for interval_table."""
+    return {"majority class": results.get("majority", {}), "bag of words": results.get("bag_of_words", {})}
 
 
 def mark(c: dict, lower_is_better: bool = False) -> str:
@@ -169,7 +176,7 @@ def spread_table(summary: dict, meta: dict) -> str:
 
 
 def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, expert_names: list[str], notes: list[str],
-             *, intervals: dict | None = None, flags: dict | None = None, majority: dict | None = None,
+             *, intervals: dict | None = None, flags: dict | None = None, references: dict | None = None,
              specialisation: list[dict] | None = None, compute: dict | None = None, heldout: dict | None = None,
              reference: str = "team (MoE)") -> str:
     """The whole results section. Without `intervals` the main table shows mean ± sample spread
@@ -177,7 +184,7 @@ def markdown(summary: dict, meta: dict, throughput: dict, routing_mean: dict, ex
     of `reference` from every other model, and the optional sections given."""
     tasks = list(meta)
     if intervals:
-        lines = [interval_table(intervals, meta, flags or {}, majority or {}), "", f"Paired differences, {reference} minus each model "
+        lines = [interval_table(intervals, meta, flags or {}, references or {}), "", f"Paired differences, {reference} minus each model "
                  "(95% interval; ✓ the team is ahead, ✗ behind, interval excluding zero):", "",
                  paired_table(intervals, meta, reference)]
     else:
