@@ -9,7 +9,7 @@ import finteam_kernels as fk
 from finteam_kernels import FinTeamMoE, router_aux_loss
 from finteam_kernels import _ext
 
-extras = ["transformers", "datasets", "tokenizers", "yaml", "tqdm", "matplotlib", "pytest"]
+extras = ["transformers", "datasets", "tokenizers", "yaml", "tqdm", "matplotlib", "sklearn", "pytest"]
 present = [m for m in extras if importlib.util.find_spec(m) is not None]
 assert not present, f"the kernels-only install pulled in {present}"
 assert _ext.load("cpu").usable, _ext.load("cpu").problem

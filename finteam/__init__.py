@@ -4,7 +4,8 @@ analysts), each continued-pretrained from one base model, is merged into a Mixtu
 
 Stages (one module each; `finteam <stage>` runs one, `finteam run` runs all):
     data -> tokenizer -> pretrain -> assemble -> mix -> instruct -> evaluate, and generate.
-Recipes (YAML, typed by the dataclasses in `finteam.config`): tiny (default), smoke, fiqa, llama3-8b.
+Recipes (YAML, typed by the dataclasses in `finteam.config`): tiny (default), tiny-long, smoke, fiqa,
+llama3-8b.
 """
 import importlib.util
 
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 
 # The kernels install alone (`pip install .`); the pipeline needs the `pipeline` extra.
 _NEEDS = {"yaml": "pyyaml", "datasets": "datasets", "tokenizers": "tokenizers", "safetensors": "safetensors",
-          "transformers": "transformers", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+          "transformers": "transformers", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 _missing = [package for module, package in _NEEDS.items() if importlib.util.find_spec(module) is None]
 if _missing:
     raise ImportError(f"the finteam pipeline needs {', '.join(_missing)}, which are not installed: "
