@@ -276,13 +276,19 @@ def run_instruct(recipe: Recipe, k: int, force: bool = False, only: list[str] | 
               needs=("seed", "precision", *InstructConfig.needs(team=name == "team")), inputs=(p.data, p.tokenizer, source_of(recipe, p, k, name).parent))
 
 
+def examples_by_task(data_dir: Path, split: str) -> dict[str, list]:
+    """{task: its examples of `split`, in file order}."""
+    out: dict = {}
+    for ex in data.load_tasks(data_dir, split):
+        out.setdefault(ex.task, []).append(ex)
+    return out
+
+
 def test_sets(recipe: Recipe, data_dir: Path) -> tuple[dict, dict]:
     """Per task, up to `evaluate.max_examples` test examples spread evenly over the file (real
     test files are often grouped: FiQA lists each post under ten wordings in a row)."""
     meta = data.load_task_meta(data_dir)
-    tests: dict = {}
-    for ex in data.load_tasks(data_dir, "test"):
-        tests.setdefault(ex.task, []).append(ex)
+    tests = examples_by_task(data_dir, "test")
     n = recipe.evaluate.max_examples
     return {t: tests[t][:: max(1, len(tests[t]) // n)][:n] for t in meta if t in tests}, meta
 
@@ -409,6 +415,7 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     labelled = [t for t in tests if meta[t]["choices"]]
     majority = reference({t: metrics.majority_answers(gold[t]) for t in labelled})
     bow = reference(bag_of_words_answers(p.data, tests, labelled))
+    stored = {"majority": majority, "bag_of_words": bow}  # results.json's keys; report.references names the rows
     specialisation = [report.routing_specialisation(r["routing"], meta, expert_names(recipe)) for r in per_seed if r["routing"]]
     notes = [f"{len(seeds)} seed(s); each score with its 95% interval from a paired bootstrap over test items and seeds "
              f"({intervals['reps']} replicates, finteam/stats.py); test examples per task: "
@@ -417,10 +424,10 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
     losses = [r.get("heldout") or {} for r in per_seed]
     heldout_loss = stats.loss_intervals(losses, label("team")) if all(losses) else None
     text = report.markdown(summary, meta, speed, routing_mean, expert_names(recipe), notes, intervals=intervals, flags=flags,
-                           references={"majority class": majority, "bag of words": bow}, specialisation=specialisation,
+                           references=report.references(stored), specialisation=specialisation,
                            compute=per_seed[0].get("compute"), heldout=heldout_loss)
-    write_json(p.run / "results.json", {"summary": summary, "intervals": intervals, "collapsed": flags, "majority": majority,
-                                        "bag_of_words": bow, "specialisation": specialisation, "heldout_loss": heldout_loss,
+    write_json(p.run / "results.json", {"summary": summary, "intervals": intervals, "collapsed": flags, **stored,
+                                        "specialisation": specialisation, "heldout_loss": heldout_loss,
                                         "per_seed": per_seed, "throughput": speed,
                                         "routing_mean": routing_mean, "tasks": meta, **stamp(recipe, "report")})
     (p.run / "results.md").write_text(text + "\n")
@@ -430,12 +437,13 @@ def run_report(recipe: Recipe, seeds: list[int]) -> str:
 def bag_of_words_answers(data_dir: Path, tests: dict, tasks: list[str]) -> dict[str, list[str]]:
     """{task: answers} of the bag-of-words reference (bag_of_words.py) on each task's test items,
     trained on the task's training examples, its strength picked on the valid ones."""
-    splits = {split: {} for split in ("train", "valid")}
-    for split, by_task in splits.items():
-        for ex in data.load_tasks(data_dir, split):
-            by_task.setdefault(ex.task, []).append((ex.prompt, ex.answer))
-    return {t: bag_of_words.answers(splits["train"].get(t, []), splits["valid"].get(t, []), [e.prompt for e in tests[t]])
-            for t in tasks if splits["train"].get(t)}
+    train, valid = examples_by_task(data_dir, "train"), examples_by_task(data_dir, "valid")
+
+    def pairs(examples) -> list[tuple[str, str]]:
+        return [(e.prompt, e.answer) for e in examples]
+
+    return {t: bag_of_words.answers(pairs(train[t]), pairs(valid.get(t, [])), [e.prompt for e in tests[t]])
+            for t in tasks if t in train}
 
 
 def run_all(recipe: Recipe, seeds: int = 1, force: bool = False) -> str:

@@ -1,7 +1,8 @@
 """The results table: every model's headline metric per task over seeds, with 95% intervals,
-the team's paired differences from every baseline, collapsed models flagged, two references
-for each label task (the majority class; a bag-of-words model, bag_of_words.py), how specialised the team's routing is, each model's held-out loss on each
-role's text (heldout.py), and the compute behind each model.
+the team's paired differences from every baseline, collapsed models flagged, two references for
+each label task (the majority class; a bag-of-words model, bag_of_words.py), how specialised the
+team's routing is, each model's held-out loss on each role's text (heldout.py), and the compute
+behind each model.
 
 Intervals and paired differences come from stats.py (a paired bootstrap over test items and
 seeds). A model is flagged collapsed on a label task when one answer covers more than

@@ -128,16 +128,17 @@ def loss_intervals(per_seed: list[dict], reference: str, reps: int = 2000, seed:
     S = len(per_seed)
     seed_draws_RS = torch.randint(S, (reps, S), generator=g)
     counts = {c: resample_counts(len(per_seed[0][reference][c]["loss"]), reps, g) for c in corpora}
+    # Column 0 weighs every document once (the point estimate), the rest are the replicates' draws.
+    weights = {c: torch.cat([torch.ones(1, w.shape[1], dtype=torch.float64), w]) for c, w in counts.items()}
 
     def table(model: str) -> dict[str, torch.Tensor]:
         """{corpus: [S, 1 + R]} token-weighted losses, on all documents (column 0) and on each
         replicate's draw, and their "mean" over corpora."""
         out = {}
         for c in corpora:
-            weights_WD = torch.cat([torch.ones(1, counts[c].shape[1], dtype=torch.float64), counts[c]])
             loss_SD, tokens_SD = (torch.tensor([s[model][c][k] for s in per_seed], dtype=torch.float64)
                                   for k in ("loss", "tokens"))
-            out[c] = (loss_SD @ weights_WD.T) / (tokens_SD @ weights_WD.T)
+            out[c] = (loss_SD @ weights[c].T) / (tokens_SD @ weights[c].T)
         out["mean"] = torch.stack(list(out.values())).mean(0)
         return out
 
