@@ -9,7 +9,7 @@ CHANGED = {  # field: (tiny, tiny-long)
     "pretrain.base.save_every": (50, 200),
     "pretrain.expert.steps": (80, 400),
     "pretrain.expert.save_every": (40, 200),
-    "mix.train.steps": (100, 300),
+    "mix.train.steps": (100, 600),
     "mix.train.save_every": (50, 100),
     "instruct.train.steps": (300, 600),
     "instruct.train.save_every": (100, 200),
