@@ -337,6 +337,54 @@ def test_every_fp32_training_path_meets_the_tolerance(cpu_ext):
             assert (chunks["this build's"] == "BLAS + AVX-512 backward GEMMs") == (isa.startswith("avx512") and not intel)
 
 
+def _gated_unit_case(dtype):
+    """moe_experts inputs whose gated unit takes every special case: 112-113 rows an expert (past
+    the bf16 streaming kernels, so the forward's gated unit is its own pass), I=38 (two whole
+    vectors of 16 and a ragged tail), gate pre-activations from 0 to +-200 (past exp's clamps),
+    x with a row stride."""
+    g = torch.Generator().manual_seed(0)
+    T, E, H, I = 169, 3, 24, 38
+    x = (torch.randn(T, H + 2, generator=g) * torch.logspace(-2, 1, T)[:, None])[:, 2:]
+    ids = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g) * torch.logspace(-2, 0.5, 2 * I)[:, None]
+    return [x.to(dtype), ids, torch.rand(T, 2, generator=g), w_gate_up.to(dtype),
+            (torch.randn(E, H, I, generator=g) / 6).to(dtype)]
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_the_avx512_gated_unit_loops_match_the_portable_ones(cpu_ext, activation):
+    # vmath512.h repeats vmath.h's arithmetic step for step, so the hand-written AVX-512 loops of
+    # the gated unit (forward and the backward's rows) and the compiler-vectorised ones give the
+    # same results up to a rounding; the latter run when the ISA is lowered to AVX2.
+    if not cpu_ext.cpu_capability().startswith("avx512"):
+        pytest.skip("this CPU has no AVX-512: only the portable loops run")
+    code = f"""
+        import json, torch
+        from finteam_kernels import _ext, moe_experts
+        from test_ext import _gated_unit_case
+        assert _ext.load("cpu").usable
+        results = []
+        for dtype in (torch.bfloat16, torch.float32):
+            x, ids, weights, w_gate_up, w_down = _gated_unit_case(dtype)
+            leaves = [t.requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+            out = moe_experts(leaves[0], ids, *leaves[1:], "{activation}", backend="cpu")
+            out.backward(torch.ones_like(out))
+            results += [t.float().tolist() for t in (out.detach(), *(t.grad for t in leaves))]
+        print(torch.ops.finteam.cpu_capability())
+        print(json.dumps(results))
+    """
+    (wide_isa, wide), (low_isa, low) = [_run_child(code, env) for env in ({}, {"FINTEAM_CPU_ISA": "avx2"})]
+    assert wide_isa.startswith("avx512") and low_isa.startswith("avx2,")
+    names = [f"{dtype} {what}" for dtype in ("bf16", "fp32") for what in ("out", "x", "weights", "w_gate_up", "w_down")]
+    for name, a, b in zip(names, json.loads(wide), json.loads(low)):
+        a, b = torch.tensor(a), torch.tensor(b)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        # one rounding of the result's dtype at the tensor's scale (bf16 entries hold bf16 values)
+        eps = torch.finfo(torch.bfloat16 if name.startswith("bf16") else torch.float32).eps
+        err, scale = float((a - b).abs().max()), float(b.abs().max())
+        assert err <= 2 * eps * scale, f"{activation} {name}: AVX-512 and AVX2 loops differ by {err:.3e} (scale {scale:.3e})"
+
+
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
     # Each output of the weight-streaming kernels is one sum in a fixed order, whether the
     # expert's batch goes row by row, in tiles of weight rows or as leftovers: a token decodes to

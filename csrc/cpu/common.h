@@ -51,11 +51,22 @@
 #define FINTEAM_X86 0
 #endif
 
+// Hand-written kernels for one ISA (intrinsics), called only where the CPU has it.
+#if FINTEAM_X86
+#define FINTEAM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FINTEAM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define FINTEAM_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
 namespace finteam::cpu {
 
 // The ISA level the kernels run at: "avx512_bf16", "avx512", "avx2" or "baseline". The
 // environment variable FINTEAM_CPU_ISA can lower it (to test the fallbacks), never raise it.
 const std::string& isa_name();
+
+// Whether the hand-vectorised AVX-512 loops (vmath512.h) run: an AVX-512 CPU, unless
+// FINTEAM_CPU_ISA lowers the level.
+bool avx512_loops();
 
 // fn.template operator()<R>(first) over [first, end) in blocks of R rows, the leftover in the
 // largest smaller blocks: a register-blocked kernel's rows (tile_f32, gemm_f32).

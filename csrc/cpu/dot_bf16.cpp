@@ -31,10 +31,6 @@ namespace finteam::cpu {
 #if FINTEAM_X86
 namespace {
 
-#define FINTEAM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define FINTEAM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
-#define FINTEAM_AVX2 __attribute__((target("avx2,fma")))
-
 bool has_amx_bf16() {
   unsigned a, b, c, d;
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) != 0;

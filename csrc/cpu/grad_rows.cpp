@@ -1,6 +1,8 @@
 // See grad_rows.h.
 #include "grad_rows.h"
 
+#include "vmath512.h"
+
 namespace finteam::cpu {
 namespace {
 
@@ -34,6 +36,40 @@ FINTEAM_SIMD void grad_rows_kernel(const scalar_t* h, const scalar_t* g, const i
   }
 }
 
+#if FINTEAM_X86
+// grad_rows_kernel by hand on AVX-512 (vmath512.h): fp32 and bf16.
+template <Activation A, typename scalar_t>
+FINTEAM_AVX512 void grad_rows_avx512(const scalar_t* h, const scalar_t* g, const int32_t* row_to_slot, const float* w,
+                                     int64_t I, int64_t r0, int64_t r1, scalar_t* act_out, scalar_t* dh_out,
+                                     float* grad_w) {
+  using namespace v512;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* gate = h + r * 2 * I;
+    const scalar_t* up = gate + I;
+    const scalar_t* gr = g + r * I;
+    scalar_t* a_row = act_out + r * I;
+    scalar_t* dgate = dh_out + r * 2 * I;
+    scalar_t* dup = dgate + I;
+    const int32_t slot = row_to_slot[r];
+    const V wt = set1(w[slot]);
+    V dot = _mm512_setzero_ps();
+    for (int64_t i = 0; i < I; i += 16) {
+      const __mmask16 m = lanes(I - i);
+      const V u = load(up + i, m), gv = load(gr + i, m);
+      V f, df;
+      activation<A>(load(gate + i, m), f, df);
+      const V fu = _mm512_mul_ps(f, u);
+      dot = _mm512_fmadd_ps(gv, fu, dot);  // masked lanes load as 0
+      store(a_row + i, fu, m);
+      const V da = _mm512_mul_ps(wt, gv);
+      store(dgate + i, _mm512_mul_ps(_mm512_mul_ps(da, u), df), m);
+      store(dup + i, _mm512_mul_ps(da, f), m);
+    }
+    grad_w[slot] = _mm512_reduce_add_ps(dot);
+  }
+}
+#endif
+
 template <typename scalar_t>
 FINTEAM_SIMD void scale_rows_kernel(scalar_t* rows, int64_t H, const int32_t* row_to_slot, const acc_type<scalar_t>* w,
                                     int64_t r0, int64_t r1) {
@@ -51,6 +87,12 @@ void expert_grad_rows(Activation act, const scalar_t* h_N2I, const scalar_t* g_N
                       const acc_type<scalar_t>* w, int64_t I, int64_t r0, int64_t r1, scalar_t* act_out_NI,
                       scalar_t* dh_out_N2I, acc_type<scalar_t>* grad_w) {
   with_activation(act, [&]<Activation A>() {
+#if FINTEAM_X86
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (avx512_loops())
+        return grad_rows_avx512<A, scalar_t>(h_N2I, g_NI, row_to_slot, w, I, r0, r1, act_out_NI, dh_out_N2I, grad_w);
+    }
+#endif
     grad_rows_kernel<A, scalar_t>(h_N2I, g_NI, row_to_slot, w, I, r0, r1, act_out_NI, dh_out_N2I, grad_w);
   });
 }

@@ -40,4 +40,9 @@ const std::string& isa_name() {
   return name;
 }
 
+bool avx512_loops() {
+  static const bool on = FINTEAM_X86 && level() >= 2;
+  return on;
+}
+
 }  // namespace finteam::cpu
