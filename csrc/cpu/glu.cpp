@@ -91,8 +91,8 @@ void glu(const at::Tensor& gate_in, const at::Tensor& up_in, Activation act, at:
     with_activation(act, [&]<Activation A>() {
       const auto kernel = glu_rows<A, scalar_t>();
       at::parallel_for(0, rows, grain(8 * cols), [&](int64_t r0, int64_t r1) {
-        kernel(gate.const_data_ptr<scalar_t>(), gate.stride(0), up.const_data_ptr<scalar_t>(),
-                                     up.stride(0), cols, r0, r1, out.data_ptr<scalar_t>());
+        kernel(gate.const_data_ptr<scalar_t>(), gate.stride(0), up.const_data_ptr<scalar_t>(), up.stride(0), cols, r0,
+               r1, out.data_ptr<scalar_t>());
       });
     });
   });
