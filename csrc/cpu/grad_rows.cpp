@@ -6,19 +6,28 @@
 namespace finteam::cpu {
 namespace {
 
+// Row r's pieces: its gate and up halves of h, its g, and where its act and dh rows go.
+template <typename scalar_t>
+struct GradRow {
+  const scalar_t *gate, *up, *g;
+  scalar_t *act, *dgate, *dup;
+  int32_t slot;
+};
+
+template <typename scalar_t>
+FINTEAM_INLINE GradRow<scalar_t> grad_row(const scalar_t* h, const scalar_t* g, const int32_t* row_to_slot, int64_t I,
+                                          int64_t r, scalar_t* act_out, scalar_t* dh_out) {
+  return {h + r * 2 * I, h + r * 2 * I + I, g + r * I, act_out + r * I, dh_out + r * 2 * I, dh_out + r * 2 * I + I,
+          row_to_slot[r]};
+}
+
 template <Activation A, typename scalar_t>
 FINTEAM_SIMD void grad_rows_kernel(const scalar_t* h, const scalar_t* g, const int32_t* row_to_slot,
                                   const acc_type<scalar_t>* w, int64_t I, int64_t r0, int64_t r1, scalar_t* act_out,
                                   scalar_t* dh_out, acc_type<scalar_t>* grad_w) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* gate = h + r * 2 * I;
-    const scalar_t* up = gate + I;
-    const scalar_t* gr = g + r * I;
-    scalar_t* a_row = act_out + r * I;
-    scalar_t* dgate = dh_out + r * 2 * I;
-    scalar_t* dup = dgate + I;
-    const int32_t slot = row_to_slot[r];
+    const auto [gate, up, gr, a_row, dgate, dup, slot] = grad_row(h, g, row_to_slot, I, r, act_out, dh_out);
     const acc_t wt = w[slot];
     acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -44,13 +53,7 @@ FINTEAM_AVX512 void grad_rows_avx512(const scalar_t* h, const scalar_t* g, const
                                      float* grad_w) {
   using namespace v512;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* gate = h + r * 2 * I;
-    const scalar_t* up = gate + I;
-    const scalar_t* gr = g + r * I;
-    scalar_t* a_row = act_out + r * I;
-    scalar_t* dgate = dh_out + r * 2 * I;
-    scalar_t* dup = dgate + I;
-    const int32_t slot = row_to_slot[r];
+    const auto [gate, up, gr, a_row, dgate, dup, slot] = grad_row(h, g, row_to_slot, I, r, act_out, dh_out);
     const V wt = set1(w[slot]);
     V dot = _mm512_setzero_ps();
     for (int64_t i = 0; i < I; i += 16) {
