@@ -16,16 +16,6 @@ Activation parse_activation(c10::string_view name) {
 
 namespace {
 
-template <Activation A>
-FINTEAM_SIMD void glu_f32_kernel(const float* gate, const float* up, int64_t n, float* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float f, df;
-    activation<A>(gate[i], f, df);
-    out[i] = f * up[i];
-  }
-}
-
 template <Activation A, typename scalar_t>
 FINTEAM_SIMD void glu_rows_kernel(const scalar_t* gate, int64_t stride_g, const scalar_t* up, int64_t stride_u,
                                   int64_t cols, int64_t r0, int64_t r1, scalar_t* out) {
@@ -65,7 +55,7 @@ FINTEAM_AVX512 void glu_rows_avx512(const scalar_t* gate, int64_t stride_g, cons
 template <Activation A, typename scalar_t>
 auto glu_rows() {
 #if FINTEAM_X86
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+  if constexpr (v512::kHasLoop<scalar_t>) {
     if (avx512_loops()) return glu_rows_avx512<A, scalar_t>;
   }
 #endif
@@ -75,12 +65,8 @@ auto glu_rows() {
 }  // namespace
 
 void glu_f32(const float* gate, const float* up, int64_t n, Activation act, float* out) {
-  with_activation(act, [&]<Activation A>() {
-#if FINTEAM_X86
-    if (avx512_loops()) return glu_rows_avx512<A, float>(gate, 0, up, 0, n, 0, 1, out);
-#endif
-    glu_f32_kernel<A>(gate, up, n, out);
-  });
+  // one row of the rows loop
+  with_activation(act, [&]<Activation A>() { glu_rows<A, float>()(gate, 0, up, 0, n, 0, 1, out); });
 }
 
 void glu(const at::Tensor& gate_in, const at::Tensor& up_in, Activation act, at::Tensor& out) {

@@ -91,7 +91,7 @@ void expert_grad_rows(Activation act, const scalar_t* h_N2I, const scalar_t* g_N
                       scalar_t* dh_out_N2I, acc_type<scalar_t>* grad_w) {
   with_activation(act, [&]<Activation A>() {
 #if FINTEAM_X86
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (v512::kHasLoop<scalar_t>) {
       if (avx512_loops())
         return grad_rows_avx512<A, scalar_t>(h_N2I, g_NI, row_to_slot, w, I, r0, r1, act_out_NI, dh_out_N2I, grad_w);
     }

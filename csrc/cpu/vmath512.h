@@ -20,6 +20,11 @@ namespace finteam::cpu::v512 {
 
 using V = __m512;
 
+// The element types these loops load and store: fp32 and bf16 (fp16 and fp64 keep the portable
+// loops).
+template <typename scalar_t>
+constexpr bool kHasLoop = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
 FINTEAM_AVX512_LOOP V set1(float v) { return _mm512_set1_ps(v); }
 
 // Loads of n <= 16 elements widened to fp32 (lanes past n read as 0), and the matching stores
