@@ -386,6 +386,44 @@ def test_the_avx512_gated_unit_loops_match_the_portable_ones(cpu_ext, activation
         assert err <= 2 * eps * scale, f"{activation} {name}: AVX-512 and AVX2 loops differ by {err:.3e} (scale {scale:.3e})"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E, K, options", [
+    (3, 2, dict(score="softmax", renormalize=True)),  # the team's router
+    (1, 1, dict(score="softmax", renormalize=True)),
+    (8, 8, dict(score="sigmoid", renormalize=False)),  # K = E
+    (7, 3, dict(score="sigmoid", renormalize=True, bias=True)),
+    (16, 4, dict(score="softmax", renormalize=False, bias=True)),  # the widest lane path
+])
+def test_few_experts_gate_as_many_do(cpu_ext, dtype, E, K, options):
+    # Up to 16 experts the gating runs one token per vector lane, beyond it one row at a time.
+    # Both must give the same bits: the same logits padded with 5 experts of logit -inf (score
+    # 0, never picked, adding 0 to every sum) take the row path and must agree exactly, forward
+    # and gradient, on dead rows, NaN and inf, ties and a partial last block of 16 tokens too.
+    score, renormalize = options["score"], options["renormalize"]
+    g = torch.Generator().manual_seed(E)
+    T = 53
+    x_TE = (torch.randn(T, E, generator=g) * 3).to(dtype)
+    x_TE[4] = float("-inf")  # a dead row
+    x_TE[5, 0], x_TE[6, -1], x_TE[7, 0] = float("nan"), float("inf"), float("-inf")
+    x_TE[8] = 0.5  # every expert tied
+    bias = torch.randn(E, generator=g) * 0.3 if options.get("bias") else None
+    wide_TE = torch.cat([x_TE, torch.full((T, 5), float("-inf"), dtype=dtype)], dim=1)
+    wide_bias = torch.cat([bias, torch.zeros(5)]) if bias is not None else None
+    # the bias could lift a padding expert's choice value (0 + 0) over a real one's: keep them last
+    if wide_bias is not None:
+        wide_bias[E:] = -1e30
+    narrow = cpu_ext.topk_gating_fwd(x_TE, bias, K, score, renormalize, 1, 1, 1.5)
+    wide = cpu_ext.topk_gating_fwd(wide_TE, wide_bias, K, score, renormalize, 1, 1, 1.5)
+    for name, a, b in zip(("weights", "ids", "counts"), narrow, wide):
+        if name == "counts":
+            b = b[:E]
+        assert torch.equal(a, b), f"{name}: the lane path and the row path differ"
+    grad_TK = torch.randn(T, K, generator=g)
+    dx_narrow = cpu_ext.topk_gating_bwd(grad_TK, x_TE, narrow[1], score, renormalize, 1.5)
+    dx_wide = cpu_ext.topk_gating_bwd(grad_TK, wide_TE, wide[1], score, renormalize, 1.5)
+    assert torch.equal(dx_narrow, dx_wide[:, :E]) and not dx_wide[:, E:].any()
+
+
 def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
     # Each output of the weight-streaming kernels is one sum in a fixed order, whether the
     # expert's batch goes row by row, in tiles of weight rows or as leftovers: a token decodes to
