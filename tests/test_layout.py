@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +124,44 @@ def test_kernels_run_without_the_pipelines_packages():
             assert "transformers" in str(err), err
         else:
             raise AssertionError("finteam_kernels.hf imported without transformers")
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_the_cpu_path_never_touches_a_gpu_driver():
+    # Importing the packages, and a CPU layer's training and inference steps (inside a
+    # transformers model too), must never initialise CUDA: on a machine with a GPU that costs
+    # seconds and memory on every device, and on one with a broken driver it fails. Every torch
+    # call that reaches the driver goes through torch.cuda._lazy_init, which this child records,
+    # so the test can fail on a CPU-only torch as well.
+    import torch  # noqa: F401
+    pytest.importorskip("transformers")
+
+    script = textwrap.dedent("""
+        import torch, torch.cuda
+        calls = []
+        torch.cuda._lazy_init = lambda *a, **k: calls.append("torch.cuda._lazy_init")
+        import finteam, finteam_kernels, finteam_kernels.hf
+        from finteam_kernels import FinTeamMoE
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        torch.manual_seed(0)
+        layer = FinTeamMoE(32, 64, 3, 2)
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        layer(x).square().mean().backward()
+        with torch.no_grad():
+            layer.eval()(x[:, :1])
+        config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                               num_experts_per_tok=2, max_position_embeddings=32)
+        model = finteam_kernels.hf.patch(MixtralForCausalLM(config))
+        assert model.config._experts_implementation == "finteam"
+        ids = torch.randint(0, 64, (2, 7))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert not calls, calls
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -151,8 +151,8 @@ def test_router_losses_refuses_ids_out_of_range(backend, mode, case, value, dtyp
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("offsets", [[0, 5, 3, 9], [0, 4, 9, 10**8], [-4, 0, 4, 9]],
-                         ids=["decreasing", "past_the_rows", "negative"])
+@pytest.mark.parametrize("offsets", [[0, 5, 3, 9], [0, 4, 9, 10**8], [-4, 0, 4, 9], [0, 3, 5, 7]],
+                         ids=["decreasing", "past_the_rows", "negative", "short_of_the_rows"])
 def test_grouped_gemm_refuses_offsets_out_of_range(backend, mode, offsets):
     x, w = torch.randn(9, H), torch.randn(3, 5, H)
 
