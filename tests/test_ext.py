@@ -534,6 +534,19 @@ def test_large_outputs_come_from_the_block_cache(cpu_ext):
     torch.save(second[2], buffer)
     buffer.seek(0)
     assert torch.equal(torch.load(buffer), second[2])
+    # An expert that gets no rows must get a weight gradient of exact zeros, not what its part
+    # of a reused block held before.
+    for grad in second:
+        grad.fill_(float("nan"))
+    del second, grad_w_down
+    ids_TK = torch.where(ids_TK == 1, 2, ids_TK)
+    out = finteam_kernels.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down, backend="cpu")
+    third = torch.autograd.grad(out, inputs, grad_TH)
+    expected = torch.autograd.grad(reference.moe_experts(x_TH, ids_TK, weights_TK, w_gate_up, w_down), inputs, grad_TH)
+    assert third[2].data_ptr() in pointers or third[3].data_ptr() in pointers, "no block was reused"
+    assert not third[2][1].any() and not third[3][1].any(), "the empty expert's weight gradient is not zero"
+    for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), third, expected):
+        assert_close(a, b, name=f"grad {name}, expert 1 empty")
 
 
 @pytest.mark.parametrize("case, cause", [
