@@ -33,6 +33,7 @@ SHAPES = {
     "many_tokens": (257, 8, 2, 24, 16, None),  # T just past 256: several row tiles per expert
     "one_expert": (40, 7, 1, 16, 8, [3]),  # every token on expert 3, six empty experts
     "fine": (3, 64, 2, 16, 8, None),  # 64 experts for 6 rows: nearly all empty
+    "many_experts": (90, 257, 3, 12, 10, None),  # E one past 256 (DeepSeek-V3's), odd K: ids past 255
     "no_tokens": (0, 4, 2, 16, 8, None),  # zero tokens: empty output, zero weight gradients
 }
 
@@ -87,13 +88,15 @@ def dtype_name(dtype):
 ])
 def test_moe_experts_matches_reference(backend, shape, dtype, activation):
     x, ids, weights, w_gate_up, w_down = case(shape, dtype)
+    if shape == "many_experts":
+        assert ids.max() == 256, "the shape is meant to route a row to expert 256"
     actual, _ = check_against_reference(x, ids, weights, w_gate_up, w_down, activation, backend,
                                         f"{shape} {dtype_name(dtype)} {activation}")
     out, grad_x, grad_weights, grad_w_gate_up, grad_w_down = actual
     assert (out.dtype, grad_x.dtype, grad_weights.dtype) == (dtype, dtype, torch.float32)
     used = ids.long().unique()
     empty = [e for e in range(w_gate_up.shape[0]) if e not in used]
-    if shape in ("one_expert", "fine", "no_tokens"):
+    if shape in ("one_expert", "fine", "no_tokens", "many_experts"):
         assert empty, "the shape is meant to leave experts empty"
         for what, g in (("grad_w_gate_up_E2IH", grad_w_gate_up), ("grad_w_down_EHI", grad_w_down)):
             assert torch.equal(g[empty], torch.zeros_like(g[empty])), f"{what}: empty experts not exactly zero"
