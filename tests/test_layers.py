@@ -58,7 +58,8 @@ def naive_moe(layer: FinTeamMoE, x: torch.Tensor, *, groups=True, bias=True) -> 
                 gate, up = (w_gu[e] @ x_TH[t]).chunk(2)
                 out_H = out_H + weights_TK[t, j] * (w_down[e] @ (GLU[layer.activation](gate) * up))
         rows.append(out_H)
-    out_TH = torch.stack(rows) if rows else x_TH.new_zeros(0, H)
+    # no rows: an empty output that is still in x's graph (so backward runs and leaves zeros)
+    out_TH = torch.stack(rows) if rows else x_TH[:, :1].expand(0, H) * 0
     if layer.shared_expert is not None:
         s = layer.shared_expert
         shared_TH = F.linear(GLU[layer.activation](F.linear(x_TH, s.gate_proj.weight)) * F.linear(x_TH, s.up_proj.weight),
@@ -149,16 +150,18 @@ def layer_backends() -> list[str]:
 
 
 @pytest.mark.parametrize("backend", layer_backends())
-@pytest.mark.parametrize("config", ["softmax_top2", "deepseek_v3"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_every_backend_matches_plain_pytorch(config, backend):
     layer = make(config, backend=backend)
     x = torch.randn(13, layer.hidden_size)
     assert_runs_match(run(layer, layer, x), run(lambda x: naive_moe(layer, x), layer, x))
 
 
+@pytest.mark.parametrize("backend", layer_backends())
+@pytest.mark.parametrize("config", ["deepseek_v3", "capacity"])
 @pytest.mark.parametrize("shape", [(0, 12), (12,)], ids=["no_tokens", "one_token_1d"])
-def test_no_tokens_and_a_single_unbatched_token(shape):
-    layer = make("deepseek_v3")
+def test_no_tokens_and_a_single_unbatched_token(shape, config, backend):
+    layer = make(config, hidden_size=12, backend=backend)
     x = torch.randn(shape)
     actual, expected = run(layer, layer, x), run(lambda x: naive_moe(layer, x), layer, x)
     assert actual[0].shape == shape
