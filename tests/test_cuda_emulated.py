@@ -329,6 +329,32 @@ def test_rows(emu, T, K, E, H, dtype, kind):
     assert_close(dots, want_dots.float(), name="row dots", computed_in=torch.float32)
 
 
+def test_rows_and_gating_read_rows_past_2_pow_31_elements(emu):
+    # Inputs whose rows lie 2**31 - 2**20 elements apart (row 2 past 2**32, in a lazily mapped
+    # buffer): a kernel that forms a row's offset in 32 bits reads a wrong row, or outside the
+    # buffer, instead of failing quietly in the small shapes above.
+    from test_addressing_64bit import far_rows
+
+    H, E = 40, 5
+    x = far_rows(3, H, torch.bfloat16)
+    code = int32(DTYPES[torch.bfloat16])
+    plan = plan_for(3, 2, E)  # 3 tokens, 6 routed rows
+    x_NH = torch.empty(6, H, dtype=x.dtype)
+    call(emu, "emu_gather_rows", x, code, x.stride(0), x.stride(1), plan.row_to_slot_N, 2, None, 6, H, x_NH)
+    assert torch.equal(x_NH, reference.permute(x.contiguous(), plan)), "gather from far rows"
+    one = plan_for(1, 3, E)  # 1 token on 3 experts: the 3 routed rows to combine are the far ones
+    w = torch.rand(1, 3)
+    out = torch.empty(1, H, dtype=x.dtype)
+    call(emu, "emu_combine_rows", x, code, x.stride(0), x.stride(1), one.slot_to_row_N, w, 1, 3, H, out)
+    want = reference.unpermute(x.contiguous().float(), one, w)
+    assert_close(out, want, baseline=reference.unpermute(x.contiguous(), one, w), name="combine from far rows")
+    logits = far_rows(3, 70, torch.float32)
+    w_got, ids_got, _ = gating(emu, logits, 3)
+    want_gating = reference.topk_gating(logits.contiguous(), 3)
+    assert torch.equal(ids_got.long(), want_gating.ids_TK.long()), "gating of far rows"
+    assert_close(w_got, want_gating.weights_TK, name="gating weights of far rows")
+
+
 # ---- grouped GEMM ----
 
 def offsets_from(counts):
