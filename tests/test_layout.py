@@ -4,6 +4,8 @@
   function alike: a circle hidden in a function is still a circle) form no cycle.
 - finteam_kernels imports and runs a FinTeamMoE layer, forward and backward, with the pipeline's
   packages (and transformers) unimportable, as in an install of the kernels alone.
+- The CPU path never initialises CUDA.
+- No kernel source adds floats with atomics (the results would depend on the order of arrival).
 """
 import ast
 import os
@@ -167,3 +169,33 @@ def test_the_cpu_path_never_touches_a_gpu_driver():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# Every atomic in the kernel sources, as (file, the line's code): the integer expert counts only.
+ALLOWED_ATOMICS = {
+    ("csrc/cuda/topk_gating.cu", "if (ok) atomicAdd(&bins[static_cast<int>(ids[i])], 1);"),
+    ("csrc/cuda/topk_gating.cu", "if (bins[e] != 0) atomicAdd(&counts[e], bins[e]);"),
+    ("finteam_kernels/ops/router_losses_kernels.py",
+     'tl.atomic_add(counts_ptr + lanes, counts, mask=(lanes < E) & (counts > 0), sem="relaxed")'),
+    ("finteam_kernels/ops/topk_gating_kernels.py",
+     'tl.atomic_add(counts_ptr + lanes, counts, mask=(lanes < E) & (counts > 0), sem="relaxed")'),
+}
+
+
+def test_no_kernel_adds_floats_with_atomics():
+    # Float sums by atomics differ from run to run (the order of arrival rounds differently);
+    # the kernels reduce in a fixed order instead, and use atomics only for integer counts. A new
+    # atomic must be added to ALLOWED_ATOMICS by someone who checked that it counts integers.
+    import re
+
+    found = set()
+    for folder, suffixes in (("csrc", (".cu", ".cuh", ".cpp", ".h")), ("finteam_kernels", (".py",))):
+        for path in sorted(Path(ROOT, folder).rglob("*")):
+            if path.suffix not in suffixes:
+                continue
+            for line in path.read_text().splitlines():
+                code = line.split("#" if path.suffix == ".py" else "//")[0].strip()  # comments may name them
+                if re.search(r"\batomic(Add|Sub|Max|Min|Exch|CAS)\b|\btl\.atomic_\w+|std::atomic<(float|double)", code):
+                    found.add((path.relative_to(ROOT).as_posix(), code))
+    assert found == ALLOWED_ATOMICS, f"atomics not in the allowed list: {sorted(found - ALLOWED_ATOMICS)}; " \
+                                     f"allowed but gone: {sorted(ALLOWED_ATOMICS - found)}"
