@@ -154,10 +154,11 @@ def test_launch_config_order(table_dir, monkeypatch):
     assert kernels.launch_config("gemm", "plain", other, 1000, 8, cuda0) == kernels.default_gemm_config("plain", 1000, 8)
 
 
-def test_a_tuned_launch_is_remembered(monkeypatch):
+def test_a_tuned_launch_is_remembered(monkeypatch, caplog):
     """After run-time tuning (on a stand-in benchmark that prefers the last config), later
     launches of the same problem and row bucket, a CUDA-graph capture among them, take the
-    tuned config without tuning again."""
+    tuned config without tuning again. The tuning says that it runs (a warning, the first time
+    in a process), so that a slow first step does not look like a hang."""
     import finteam_kernels.ops._triton as triton_helpers
     from finteam_kernels.ops.grouped_gemm import gemm
 
@@ -175,10 +176,16 @@ def test_a_tuned_launch_is_remembered(monkeypatch):
     counts, D, O = [5, 0, 12], 20, 9
     x, w = torch.randn(sum(counts), D, dtype=torch.bfloat16), torch.randn(len(counts), O, D, dtype=torch.bfloat16)
     offsets = offsets_of(counts)
-    y, _ = gemm(x, w, offsets)
+    with caplog.at_level("INFO", logger="finteam_kernels"):
+        y, _ = gemm(x, w, offsets)
     assert len(runs) == len(kernels.GEMM_CONFIGS["plain"])
+    (record,) = [r for r in caplog.records if "tuning the grouped GEMM" in r.getMessage()]
+    assert record.levelname == "WARNING" and "FINTEAM_AUTOTUNE=0" in record.getMessage()
     ((key, meta),) = kernels._TUNED_HERE.items()
     assert meta == kernels.gemm_meta(kernels.GEMM_CONFIGS["plain"][-1])
     assert kernels.launch_config("gemm", *key[1:3], 17, 3, torch.device("cpu")) == meta  # same bucket
-    y_again, _ = gemm(x, w, offsets)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finteam_kernels"):
+        y_again, _ = gemm(x, w, offsets)
     assert len(runs) == len(kernels.GEMM_CONFIGS["plain"]) and torch.equal(y, y_again)
+    assert not caplog.records, "a remembered config must not be tuned (or announced) again"

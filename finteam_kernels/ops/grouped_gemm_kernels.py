@@ -24,6 +24,7 @@ expert index is widened to int64 before it multiplies a stride, so tensors past 
 are addressed correctly.
 """
 import inspect
+import logging
 
 import triton
 import triton.language as tl
@@ -319,6 +320,23 @@ def wgrad_problem(family_name: str, dy, a, dw, O: int, D: int, E: int, flags: di
 # (kind, family, problem, rows bucket) -> the config run-time tuning chose in this process
 _TUNED_HERE = {}
 
+_log = logging.getLogger("finteam_kernels")
+
+
+def _say_tuning(kind: str, family_name: str, problem: str, rows: int) -> None:
+    """Run-time tuning times every config of a family, seconds for a new shape: say so, so that
+    a first step that takes long does not look like a hang. Once a process as a warning, then at
+    info level."""
+    from ._triton import next_pow2
+
+    message = (f"finteam_kernels: tuning the grouped GEMM ({kind}, {family_name}) for {problem}, rows up to "
+               f"{next_pow2(rows)}: once per shape and row bucket, cached on disk where Triton can; "
+               "FINTEAM_AUTOTUNE=0 takes the heuristic configs instead")
+    if not _TUNED_HERE:
+        _log.warning(message)
+    else:
+        _log.info(message)
+
 
 def launch_config(kind: str, family_name: str, problem: str, rows: int, experts: int, device) -> dict | None:
     """The config of one launch of kernel `kind` ("gemm" or "wgrad"): the tuned table's entry
@@ -354,6 +372,7 @@ def launch(kind: str, family_name: str, problem: str, rows: int, experts: int, g
 
     meta = launch_config(kind, family_name, problem, rows, experts, device)
     if meta is None:
+        _say_tuning(kind, family_name, problem, rows)
         tuned = (GEMM_TUNED if kind == "gemm" else WGRAD_TUNED)[family_name]
         tuned[grid](*args, **flags)
         best = tuned.best_config
