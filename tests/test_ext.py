@@ -408,10 +408,8 @@ def test_few_experts_gate_as_many_do(cpu_ext, dtype, E, K, options):
     x_TE[8] = 0.5  # every expert tied
     bias = torch.randn(E, generator=g) * 0.3 if options.get("bias") else None
     wide_TE = torch.cat([x_TE, torch.full((T, 5), float("-inf"), dtype=dtype)], dim=1)
-    wide_bias = torch.cat([bias, torch.zeros(5)]) if bias is not None else None
-    # the bias could lift a padding expert's choice value (0 + 0) over a real one's: keep them last
-    if wide_bias is not None:
-        wide_bias[E:] = -1e30
+    # a padding expert's choice value is its score 0 plus its bias: a bias of -1e30 keeps it last
+    wide_bias = torch.cat([bias, torch.full((5,), -1e30)]) if bias is not None else None
     narrow = cpu_ext.topk_gating_fwd(x_TE, bias, K, score, renormalize, 1, 1, 1.5)
     wide = cpu_ext.topk_gating_fwd(wide_TE, wide_bias, K, score, renormalize, 1, 1, 1.5)
     for name, a, b in zip(("weights", "ids", "counts"), narrow, wide):

@@ -465,8 +465,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_fwd(const at::Tensor&
     acc_t* w = weights_TK.data_ptr<acc_t>();
     int32_t* ids = ids_TK.data_ptr<int32_t>();
     if (E <= kNarrowE && a.num_groups == 1) {
-      // ~4 ns a token: one thread up to several thousand tokens.
-      at::parallel_for(0, T, 4096, [&](int64_t t0, int64_t t1) {
+      // the row loops' work a token, shared by the kLanes tokens of a vector
+      at::parallel_for(0, T, grain(E * (k + 4) / kLanes + 1), [&](int64_t t0, int64_t t1) {
         gating_rows_narrow<scalar_t, acc_t>(x, logits.stride(0), b, a, t0, t1, w, ids);
       });
     } else {
@@ -496,7 +496,7 @@ at::Tensor topk_gating_bwd(const at::Tensor& grad_weights_TK, const at::Tensor& 
   FINTEAM_DISPATCH_FLOATS(logits.scalar_type(), "topk_gating_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     if (E <= kNarrowE) {
-      at::parallel_for(0, T, 2048, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, T, grain(E * 4 / kLanes + 1), [&](int64_t t0, int64_t t1) {
         gating_grad_rows_narrow<scalar_t, acc_t>(grad.const_data_ptr<acc_t>(), logits.const_data_ptr<scalar_t>(),
                                                  logits.stride(0), idx, a, t0, t1, grad_TE.data_ptr<scalar_t>());
       });

@@ -323,14 +323,12 @@ _TUNED_HERE = {}
 _log = logging.getLogger("finteam_kernels")
 
 
-def _say_tuning(kind: str, family_name: str, problem: str, rows: int) -> None:
+def _say_tuning(kind: str, family_name: str, problem: str, rows_bucket: int) -> None:
     """Run-time tuning times every config of a family, seconds for a new shape: say so, so that
     a first step that takes long does not look like a hang. Once a process as a warning, then at
     info level."""
-    from ._triton import next_pow2
-
     message = (f"finteam_kernels: tuning the grouped GEMM ({kind}, {family_name}) for {problem}, rows up to "
-               f"{next_pow2(rows)}: once per shape and row bucket, cached on disk where Triton can; "
+               f"{rows_bucket}: once per shape and row bucket, cached on disk where Triton can; "
                "FINTEAM_AUTOTUNE=0 takes the heuristic configs instead")
     if not _TUNED_HERE:
         _log.warning(message)
@@ -372,11 +370,12 @@ def launch(kind: str, family_name: str, problem: str, rows: int, experts: int, g
 
     meta = launch_config(kind, family_name, problem, rows, experts, device)
     if meta is None:
-        _say_tuning(kind, family_name, problem, rows)
+        bucket = next_pow2(rows)
+        _say_tuning(kind, family_name, problem, bucket)
         tuned = (GEMM_TUNED if kind == "gemm" else WGRAD_TUNED)[family_name]
         tuned[grid](*args, **flags)
         best = tuned.best_config
-        _TUNED_HERE[(kind, family_name, problem, next_pow2(rows))] = {
+        _TUNED_HERE[(kind, family_name, problem, bucket)] = {
             **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
         kernel = _grouped_gemm_kernel if kind == "gemm" else _grouped_wgrad_kernel
