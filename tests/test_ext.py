@@ -422,19 +422,20 @@ def test_few_experts_gate_as_many_do(cpu_ext, dtype, E, K, options):
     assert torch.equal(dx_narrow, dx_wide[:, :E]) and not dx_wide[:, E:].any()
 
 
-def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext, dtype):
     # Each output of the weight-streaming kernels is one sum in a fixed order, whether the
     # expert's batch goes row by row, in tiles of weight rows or as leftovers: a token decodes to
-    # the same bits alone as among up to 32 others (beyond, an expert may go to ATen's GEMM).
+    # the same bits alone as among up to 32 others (beyond, an expert may go to another GEMM).
     # Odd widths: tails of a vector in both projections, leftover rows after whole tiles.
-    kernel = cpu_ext.cpu_capability().rpartition("streaming: ")[2]
+    kernel = cpu_ext.cpu_capability().rpartition("streaming: ")[2] if dtype == torch.bfloat16 else "small_gemm_f32"
     if kernel.startswith("none"):
         pytest.skip("this CPU has no bf16 weight-streaming kernel")
     g = torch.Generator().manual_seed(0)
-    H, I, E = 112, 72, 3
-    w_gate_up = torch.randn(E, 2 * I, H, generator=g).to(torch.bfloat16) / 8
-    w_down = torch.randn(E, H, I, generator=g).to(torch.bfloat16) / 7
-    x_1H = torch.randn(1, H, generator=g).to(torch.bfloat16)
+    H, I, E = (112, 72, 3) if dtype == torch.bfloat16 else (45, 23, 3)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
+    w_down = (torch.randn(E, H, I, generator=g) / 7).to(dtype)
+    x_1H = torch.randn(1, H, generator=g).to(dtype)
     weights_1K = torch.tensor([[0.7, 0.3]])
 
     def decode(T):
@@ -443,8 +444,49 @@ def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext):
                                        w_down, "silu", False)[0]
 
     alone = decode(1)
-    for T in (2, 3, 4, 5, 7, 8, 13, 32):
+    for T in (2, 3, 4, 5, 6, 7, 8, 13, 32):
         assert torch.equal(decode(T), alone.expand(T, H)), f"{kernel}: a token's output changed in a batch of {T}"
+
+
+def _lane_order_gemm(w_OD: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:
+    """x_MD @ w_OD^T in fp32, summed in small_gemm_f32's order (csrc/cpu/dot_f32.cpp): lane j of
+    16 sums x[d] * w[d] for d = j, j + 16, ... by FMA, the d past the last whole 16 go into lane
+    0, then the lanes are added to 0 one after the other. An FMA is emulated in fp64 (the product
+    exact, the sum rounded to fp64, then to fp32), which rounds twice where the fp64 sum lands on
+    an fp32 midpoint: about once in 2**28 steps, never on this test's inputs."""
+    M, D = x_MD.shape
+    D16 = D - D % 16
+    x, w = x_MD.double()[:, None, :], w_OD.double()[None, :, :]
+    acc_MO16 = torch.zeros(M, w_OD.shape[0], 16)
+    for d in range(0, D16, 16):
+        acc_MO16 = (x[..., d:d + 16] * w[..., d:d + 16] + acc_MO16.double()).float()
+    for d in range(D16, D):
+        acc_MO16[..., 0] = (x[..., d] * w[..., d] + acc_MO16[..., 0].double()).float()
+    sum_MO = torch.zeros(acc_MO16.shape[:2]) + acc_MO16[..., 0]
+    for k in range(1, 16):
+        sum_MO = sum_MO + acc_MO16[..., k]
+    return sum_MO
+
+
+@pytest.mark.parametrize("H", [128, 45])
+def test_the_avx512_small_batch_gemm_sums_in_its_order(cpu_ext, H):
+    # small_gemm_f32 (fp32 experts with few rows: decode) on AVX-512 transposes tiles of 16 dot
+    # products to add their lanes 16 outputs at a time, in the portable loop's order; its gate/up
+    # products (h_N2I, kept for the backward) must be that order's sums to the bit, for 1 to 9
+    # and 32 rows (every tile form and its leftovers), I = 23 (a tile of 16 outputs, a group of
+    # 4 and 3 single ones in each half), H = 128 (the tiny team) and 45 (a tail of 13).
+    if not cpu_ext.cpu_capability().startswith("avx512"):
+        pytest.skip("this CPU has no AVX-512: small_gemm_f32 runs the compiler-vectorised loop")
+    g = torch.Generator().manual_seed(H)
+    I = 23
+    w_gate_up = torch.randn(1, 2 * I, H, generator=g) * torch.logspace(-2, 2, H)
+    w_down = torch.randn(1, H, I, generator=g)
+    for T in (*range(1, 10), 32):
+        x_TH = torch.randn(T, H, generator=g)
+        h_N2I = cpu_ext.moe_experts_fwd(x_TH, torch.zeros(T, 1, dtype=torch.int64), torch.ones(T, 1), w_gate_up,
+                                        w_down, "silu", True)[1]
+        expected = _lane_order_gemm(w_gate_up[0], x_TH)
+        assert torch.equal(h_N2I, expected), f"T={T}: {int((h_N2I != expected).sum())} of {h_N2I.numel()} sums differ"
 
 
 @pytest.mark.parametrize("dtype, H", [(torch.bfloat16, 1024), (torch.float32, 520), (torch.float32, 1027)])
