@@ -26,7 +26,7 @@ from torch import nn
 from transformers import activations
 from transformers.integrations.moe import ExpertsInterface
 
-from ._autocast import compute_dtype
+from ._autocast import cast_for_experts
 from .layers import FinTeamMoE
 from ._checks import check_ids
 from .ops.moe_experts import routed_experts
@@ -107,10 +107,7 @@ def finteam_experts_forward(
     hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
     activation = activation_of(self)
     # autocast does not reach into custom ops: cast as it would for the eager experts' F.linear
-    dtype = compute_dtype(hidden_states.device, self.gate_up_proj.dtype)
-    # (`.to` of a tensor already in `dtype` returns it, at about 1 us a call: a decode step's cost)
-    x_TH, w_gate_up_E2IH, w_down_EHI = (
-        t if t.dtype == dtype else t.to(dtype) for t in (hidden_states, self.gate_up_proj, self.down_proj))
+    x_TH, w_gate_up_E2IH, w_down_EHI = cast_for_experts(hidden_states, self.gate_up_proj, self.down_proj)
     # activation_of checked the module (weights' layout, activation) and the model shapes x and
     # the routing, so of moe_experts' argument checks only the ids' range is left to do.
     ids_checked = check_ids("finteam experts", "top_k_index", top_k_index, w_gate_up_E2IH.shape[0])
