@@ -489,6 +489,36 @@ def test_the_avx512_small_batch_gemm_sums_in_its_order(cpu_ext, H):
         assert torch.equal(h_N2I, expected), f"T={T}: {int((h_N2I != expected).sum())} of {h_N2I.numel()} sums differ"
 
 
+def test_the_fp32_tiles_give_a_row_the_same_bits_in_any_tiling(cpu_ext):
+    # The tiled fp32 forward (more than 32 rows an expert) takes tiles of 64 rows, halved down to
+    # one register of columns while there are fewer tiles than threads, and ends a tile on a
+    # one-register block where its rows allow: so 1, 2 and 4 threads tile these experts
+    # differently (64, 32 and 16 rows), and every output and kept pre-activation must agree.
+    if not cpu_ext.cpu_capability().split("fp32 tiles: ")[1].startswith(("avx512", "avx2")):
+        pytest.skip("this CPU runs no tiled fp32 forward (ATen's GEMMs instead)")
+    g = torch.Generator().manual_seed(0)
+    H, I = 45, 38
+    w_gate_up = torch.randn(2, 2 * I, H, generator=g) / 7
+    w_down = torch.randn(2, H, I, generator=g) / 6
+    threads = torch.get_num_threads()
+    try:
+        for T in (42, 47, 64, 65, 96, 97, 121, 160):
+            x_TH = torch.randn(T, H, generator=g)
+            # expert 0 gets 33 to 128 rows (tiled), expert 1 the other fifth (small_gemm_f32)
+            ids_TK = (torch.arange(T) % 5 == 0).long()[:, None]
+            weights_TK = torch.rand(T, 1, generator=g)
+            results = {}
+            for n in (1, 2, 4):
+                torch.set_num_threads(n)
+                out_TH, h_N2I = cpu_ext.moe_experts_fwd(x_TH, ids_TK, weights_TK, w_gate_up, w_down, "silu", True)[:2]
+                results[n] = (out_TH, h_N2I)
+            for n in (2, 4):
+                assert torch.equal(results[n][0], results[1][0]), f"T={T}: the output moved with {n} threads"
+                assert torch.equal(results[n][1], results[1][1]), f"T={T}: h_N2I moved with {n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype, H", [(torch.bfloat16, 1024), (torch.float32, 520), (torch.float32, 1027)])
 def test_a_large_permute_copies_every_row_exactly(cpu_ext, dtype, H):
     # 16 MB of output and more, from the block cache (alloc.h), rows 16-byte aligned (bf16 1024
