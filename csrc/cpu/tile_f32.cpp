@@ -65,22 +65,42 @@ const std::string& tile_kernel() {
   return kernel;
 }
 
-// An expert's rows go in tiles of kTileRows, so that each block of weight rows meets two blocks
-// of columns while it is in L1. One or two experts with a few dozen rows each (a short fp32
-// prefill) would then make fewer tiles than threads, and a thread would idle while another
-// computed them all: at one expert with 33 rows (H=512, I=1792, 2 threads), 2.8x the time of
-// 32 rows (which take small_gemm_f32). So the tiles halve, down to one register of columns,
-// until every thread has one. Halving further, to twice the threads, cost 6% at 96 rows. A
-// column's sums are the same whatever its tile.
-int64_t rows_per_tile(const std::vector<int64_t>& offsets, const std::vector<int64_t>& experts, int64_t min_rows) {
-  const auto tiles = [&](int64_t rows) {
-    int64_t n = 0;
-    for (int64_t e : experts) n += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
-    return n;
-  };
-  int64_t rows = kTileRows;
-  while (rows > min_rows && tiles(rows) < at::get_num_threads()) rows /= 2;
-  return rows;
+struct Tile {
+  int64_t expert, first_row, rows;
+};
+
+// Each expert's rows in tiles of at most kTileRows, so that each block of weight rows meets two
+// blocks of columns while it is in L1. One or two experts with a few dozen rows each (a short
+// fp32 prefill) would make fewer tiles than threads, and a thread would idle while another
+// computed them all, padded to whole blocks: at one expert with 33 rows (H=512, I=1792, 2
+// threads), 2.8x the time of 32 rows (which take small_gemm_f32). So while there are fewer tiles
+// than threads, the expert with the largest tiles takes one more, and with no more tiles than
+// threads each expert's rows are split evenly, in whole registers of columns (`width` rows): 96
+// rows make two tiles of 48, not 64 and 32. With more tiles than threads they stay kTileRows
+// rows (an even split of 130 rows, 48 + 48 + 34 on 2 threads, took 1.2x the time of 64 + 64 + 2,
+// where the thread that takes the short tile balances the other). A column's sums are the same
+// whatever its tile.
+std::vector<Tile> tiles_of(const std::vector<int64_t>& offsets, const std::vector<int64_t>& experts, int64_t width) {
+  const auto rows_of = [&](size_t i) { return offsets[experts[i] + 1] - offsets[experts[i]]; };
+  std::vector<int64_t> count(experts.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < experts.size(); ++i) total += count[i] = (rows_of(i) + kTileRows - 1) / kTileRows;
+  const int64_t threads = at::get_num_threads();
+  for (; total < threads; ++total) {
+    size_t widest = 0;  // the expert whose tiles hold the most rows
+    for (size_t i = 1; i < experts.size(); ++i) {
+      if (rows_of(i) * count[widest] > rows_of(widest) * count[i]) widest = i;
+    }
+    if (experts.empty() || rows_of(widest) <= width * count[widest]) break;  // each tile is one register
+    ++count[widest];
+  }
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int64_t rows = rows_of(i);
+    const int64_t each = total > threads ? kTileRows : ((rows + count[i] - 1) / count[i] + width - 1) / width * width;
+    for (int64_t r = 0; r < rows; r += each) tiles.push_back({experts[i], offsets[experts[i]] + r, std::min(each, rows - r)});
+  }
+  return tiles;
 }
 
 }  // namespace
@@ -92,16 +112,11 @@ void tiled_experts_f32(const float* x_TH, int64_t ldx, const int32_t* row_to_slo
                        const std::vector<int64_t>& experts, float* y_NH, float* h_N2I) {
   TORCH_CHECK(tiled_f32_available(), "moe_experts: the tiled fp32 forward does not run on this CPU");
   const bool wide = tile_kernel() == "avx512";
-  const int64_t tile_rows = rows_per_tile(offsets, experts, wide ? avx512::kWidth : avx2::kWidth);
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, first row)
-  for (int64_t e : experts) {
-    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += tile_rows) tasks.emplace_back(e, r);
-  }
+  const std::vector<Tile> tiles = tiles_of(offsets, experts, wide ? avx512::kWidth : avx2::kWidth);
   parallel_tasks(
-      static_cast<int64_t>(tasks.size()), [&] { return std::vector<float>((2 * H + I) * kTileRows); },
+      static_cast<int64_t>(tiles.size()), [&] { return std::vector<float>((2 * H + I) * kTileRows); },
       [&](int64_t task, std::vector<float>& scratch) {
-        const auto [e, r0] = tasks[task];
-        const int64_t M = std::min(tile_rows, offsets[e + 1] - r0);
+        const auto [e, r0, M] = tiles[task];
         float* xt = scratch.data();
         float* actT = xt + H * kTileRows;
         float* yT = actT + I * kTileRows;
