@@ -97,7 +97,8 @@ std::vector<Tile> tiles_of(const std::vector<int64_t>& offsets, const std::vecto
   std::vector<Tile> tiles;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int64_t rows = rows_of(i);
-    const int64_t each = total > threads ? kTileRows : ((rows + count[i] - 1) / count[i] + width - 1) / width * width;
+    const int64_t n = std::max<int64_t>(1, count[i]);  // (every expert here has rows)
+    const int64_t each = total > threads ? kTileRows : ((rows + n - 1) / n + width - 1) / width * width;
     for (int64_t r = 0; r < rows; r += each) tiles.push_back({experts[i], offsets[experts[i]] + r, std::min(each, rows - r)});
   }
   return tiles;
