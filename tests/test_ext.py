@@ -490,10 +490,11 @@ def test_the_avx512_small_batch_gemm_sums_in_its_order(cpu_ext, H):
 
 
 def test_the_fp32_tiles_give_a_row_the_same_bits_in_any_tiling(cpu_ext):
-    # The tiled fp32 forward (more than 32 rows an expert) takes tiles of 64 rows, halved down to
-    # one register of columns while there are fewer tiles than threads, and ends a tile on a
-    # one-register block where its rows allow: so 1, 2 and 4 threads tile these experts
-    # differently (64, 32 and 16 rows), and every output and kept pre-activation must agree.
+    # The tiled fp32 forward (more than 32 rows an expert) cuts an expert's rows by the thread
+    # count (tiles of 64 rows, more and smaller ones while there are fewer tiles than threads,
+    # split evenly when each thread has at most one) and ends a tile on a one-register block
+    # where its rows allow: 1, 2 and 4 threads tile these experts differently (33 rows: one tile
+    # of 33, then 32 + 1, then 16 + 16 + 1), and every output and kept pre-activation must agree.
     if not cpu_ext.cpu_capability().split("fp32 tiles: ")[1].startswith(("avx512", "avx2")):
         pytest.skip("this CPU runs no tiled fp32 forward (ATen's GEMMs instead)")
     g = torch.Generator().manual_seed(0)

@@ -56,6 +56,8 @@
 #define FINTEAM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define FINTEAM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 #define FINTEAM_AVX2 __attribute__((target("avx2,fma")))
+// A helper inlined into such kernels, compiled for the same ISA.
+#define FINTEAM_AVX512_LOOP FINTEAM_AVX512 __attribute__((always_inline)) inline
 #endif
 
 namespace finteam::cpu {

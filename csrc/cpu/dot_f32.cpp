@@ -62,11 +62,10 @@ FINTEAM_SIMD void small_gemm_f32_loop(const float* w, int64_t ldw, int64_t D, in
 // source, from _mm512_undefined_ps): not this code's.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#define FINTEAM_AVX512_INLINE FINTEAM_AVX512 __attribute__((always_inline)) inline
 
 // r[i][k] -> r[k][i] for 16 vectors of 16 lanes: pairs of lanes, then of pairs, then 128-bit
 // quarters twice.
-FINTEAM_AVX512_INLINE void transpose16(__m512 r[16]) {
+FINTEAM_AVX512_LOOP void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);

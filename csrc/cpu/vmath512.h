@@ -14,8 +14,6 @@
 #if FINTEAM_X86
 #include <immintrin.h>
 
-#define FINTEAM_AVX512_LOOP FINTEAM_AVX512 __attribute__((always_inline)) inline
-
 namespace finteam::cpu::v512 {
 
 using V = __m512;
