@@ -407,6 +407,8 @@ def test_moe_experts_errors():
          rf"{op}: w_down_EHI must have size 17 in dimension 2 \(I, half of w_gate_up_E2IH's dimension 1\); got shape \(7, 33, 16\)"),
         ((x, ids, weights, w_gate_up[:1], w_down[:1]), ValueError,
          rf"{op}: K \(topk_ids_TK.shape\[1\]\) must be in \[1, 1\] \(experts per token, with E = 1\); got 2"),
+        ((x, ids, weights, w_gate_up[:0], w_down[:0]), ValueError,
+         rf"{op}: w_gate_up_E2IH must hold at least one expert \(dimension 0, E\); got shape \(0, 34, 33\)"),
         ((x, ids.new_zeros((33, 0)), weights[:, :0], w_gate_up, w_down), ValueError,
          rf"{op}: K \(topk_ids_TK.shape\[1\]\) must be in \[1, 7\] .*; got 0"),
         ((x, ids + 5, weights, w_gate_up, w_down), ValueError, rf"{op}: topk_ids_TK must hold expert ids in \[0, 7\); got ids from 5 to 11"),

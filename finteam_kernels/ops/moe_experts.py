@@ -203,6 +203,9 @@ def _check(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, activ
     _checks.check_dim(op, "w_down_EHI", w_down_EHI, 0, E, "E, the experts of w_gate_up_E2IH")
     _checks.check_dim(op, "w_down_EHI", w_down_EHI, 1, H, "H, the width of x_TH")
     _checks.check_dim(op, "w_down_EHI", w_down_EHI, 2, I2 // 2, "I, half of w_gate_up_E2IH's dimension 1")
+    if E == 0:
+        raise ValueError(f"{op}: w_gate_up_E2IH must hold at least one expert (dimension 0, E); got shape "
+                         f"{tuple(w_gate_up_E2IH.shape)}")
     _checks.check_int(op, "K (topk_ids_TK.shape[1])", K, 1, E, f" (experts per token, with E = {E})")
     _checks.check_same_device(op, x_TH=x_TH, topk_ids_TK=topk_ids_TK, topk_weights_TK=topk_weights_TK,
                               w_gate_up_E2IH=w_gate_up_E2IH, w_down_EHI=w_down_EHI)
