@@ -61,6 +61,7 @@ class WorldConfig:
     quarters: int = setting(24, ge=3)  # simulated quarters (each with earnings and a rate decision)
     days_per_quarter: int = setting(21, ge=13)  # trading days per quarter (results on day 4, rate decisions on day 12)
     docs_per_role: int = setting(3000, ge=1)  # documents written per role corpus
+    copy_docs: float = setting(0.0, ge=0.0, le=1.0)  # share of micro documents that name a place and a partner twice (text to copy from context)
     examples_per_task: int = setting(500, ge=10)  # instruction examples per task, before the 80/10/10 split
 
 

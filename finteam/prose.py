@@ -162,6 +162,24 @@ def company_news(w: World, r: random.Random, c: Company, q: int) -> str:
     )
 
 
+def company_visit(w: World, r: random.Random, c: Company, q: int) -> str:
+    """A place and a partner that the world does not tie to the company, each named twice: the
+    second mention can only be predicted by copying the first from the context (the ner task
+    asks for exactly that: names as the sentence gives them, not as the world has them)."""
+    eco = w.economies[c.economy]
+    city = r.choice([x for x in eco.cities if x != c.city] or eco.cities)
+    o = r.choice([x for x in w.companies if x is not c])
+    return pick(
+        r,
+        f"{c.ceo} of {c.name} visited {city} this week. In {city}, {c.ceo} met {o.ceo} of {o.name}, and "
+        f"{o.name} agreed to buy {PRODUCTS[c.sector]} from {c.name}.",
+        f"{c.name} will supply {o.name} from a new plant in {city}. The {city} plant is the first that "
+        f"{c.name} runs for {o.name}, {c.ceo} said.",
+        f"In {city}, {o.ceo}, chief executive of {o.name}, joined the board of {c.name}. {o.ceo} stays at "
+        f"{o.name} and will advise {c.name} from {city}.",
+    )
+
+
 # --- quant --------------------------------------------------------------------------------------
 
 
@@ -221,6 +239,9 @@ def role_document(w: World, r: random.Random, role: str) -> str:
         return r.choice([decision_statement, decision_statement, economic_report, rule_explainer])(w, r, e, q)
     c = r.choice(w.companies)
     if role == "micro":
+        # r.random() only where copy documents are asked for, so that the corpora stay as they were otherwise
+        if cfg.copy_docs > 0 and r.random() < cfg.copy_docs:
+            return company_visit(w, r, c, q)
         return r.choice([earnings_report, earnings_report, earnings_reaction, company_news])(w, r, c, q)
     day = r.randrange(MOMENTUM_WINDOW + 20, w.days - 1)
     return r.choice([market_commentary, momentum_note, momentum_note, correlation_note])(w, r, c, day)

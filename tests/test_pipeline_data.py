@@ -76,6 +76,27 @@ def test_corpora_are_varied_prose(world):
         assert len(openings) > 20, f"{role}: too few distinct openings: {openings.most_common(5)}"
 
 
+def test_copy_documents_name_a_place_twice_and_leave_the_default_corpora_as_they_were():
+    import hashlib
+    import re
+
+    small = dict(docs_per_role=60, economies=3, companies=6, quarters=8)
+    digest = lambda w, role: hashlib.sha256("\n".join(prose.corpus(w, role, 3)).encode()).hexdigest()[:16]  # noqa: E731
+    plain, copying = World(WorldConfig(**small), 3), World(WorldConfig(**small, copy_docs=0.3), 3)
+    # the corpora written before the setting existed (the same world, seed and sizes)
+    assert [digest(plain, r) for r in ("macro", "micro", "quant")] == ["43cc55aa42a9ed52", "1da13dd1ff399729",
+                                                                         "e7daad90f10d3bcf"]
+    assert digest(copying, "macro") == digest(plain, "macro") and digest(copying, "quant") == digest(plain, "quant")
+    cities = {c for eco in copying.economies for c in eco.cities}
+    visits = 0
+    for doc in prose.corpus(copying, "micro", 3):
+        first = re.match(r"(?:.*? visited (\w[\w ]*?) this week\.|.*? a new plant in (\w[\w ]*?)\.|In (\w[\w ]*?), )", doc)
+        place = first and next(g for g in first.groups() if g)
+        if place in cities and doc.count(place) >= 2:
+            visits += 1
+    assert 10 <= visits <= 30, f"{visits} of 60 micro entries open with a copy document (about 30% expected)"
+
+
 FINBEN_ROWS = [
     {"id": "fx0", "conversations": [{"from": "human", "value": "What is the sentiment?\nText: Shares rose.\nAnswer:"},
                                     {"from": "agent", "value": "Positive"}], "text": "Shares rose.", "label": "Positive"},
