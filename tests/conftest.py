@@ -20,6 +20,7 @@ else:
 import importlib.util  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -43,6 +44,26 @@ def _ours(module: str) -> bool:
     fails to import is a bug, and keeps its traceback."""
     return module in ("finteam", "finteam_kernels") or any(
         os.path.exists(os.path.join(ROOT, folder, f"{module}.py")) for folder in ("tests", "benchmarks"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_pytests_folder(tmp_path_factory):
+    """Every temporary file the tests make goes under pytest's own folder, which pytest cleans up:
+    in this process (tempfile) and in the processes tests start (TMPDIR: torchrun's
+    torchelastic_* folders, a README snippet's mkdtemp). torch.compile's cache stays where it
+    always is, shared between runs."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    with pytest.MonkeyPatch.context() as mp:
+        if HAVE_TORCH and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            try:
+                from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+            except ImportError:  # another torch: its cache follows TMPDIR, only slower
+                pass
+            else:
+                mp.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+        mp.setenv("TMPDIR", folder)
+        mp.setattr(tempfile, "tempdir", folder)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -187,9 +187,7 @@ def instruct(run: Path, expert_parallel: int) -> subprocess.Popen:
             "-m", "finteam.cli", "instruct", "--recipe", "smoke", "--only", "team"]
     for item in [f"out_dir={run}", f"distributed.expert_parallel={expert_parallel}", *TEAM]:
         args += ["--set", item]
-    temp = run.parent / "temp"  # torchrun's own folders (torchelastic_*) go where pytest cleans up
-    temp.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -101,9 +101,7 @@ def test_fsdp2_two_processes_match_one_process_with_accumulation(prepared, tmp_p
     small = {"pretrain.base.steps": 4, "pretrain.base.batch_size": 4, "pretrain.base.save_every": 2}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                 "-m", "finteam.cli"]
-    # TMPDIR: torchrun's own folders (torchelastic_*) go where pytest cleans up
-    proc = subprocess.run(torchrun + command(dp, **small), cwd=ROOT, env={**env(), "TMPDIR": str(tmp_path)}, text=True,
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(torchrun + command(dp, **small), cwd=ROOT, env=env(), text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pipeline.run_pretrain(load_recipe("smoke", overrides(single, **small, **{"pretrain.base.grad_accum": 2})), 0, only=["base"])
     a, b = weights(dp), weights(single)

@@ -1,7 +1,6 @@
 """The README's promises: its Python snippets run, and CI runs its test command verbatim."""
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # what a snippet writes goes where pytest cleans up, temporary files too
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {"__name__": "readme"})
 
 
