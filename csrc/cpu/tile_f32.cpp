@@ -81,8 +81,9 @@ struct Tile {
 // where the thread that takes the short tile balances the other). A column's sums are the same
 // whatever its tile.
 std::vector<Tile> tiles_of(const std::vector<int64_t>& offsets, const std::vector<int64_t>& experts, int64_t width) {
+  if (experts.empty()) return {};
   const auto rows_of = [&](size_t i) { return offsets[experts[i] + 1] - offsets[experts[i]]; };
-  std::vector<int64_t> count(experts.size());
+  std::vector<int64_t> count(experts.size());  // every expert here has rows: at least one tile
   int64_t total = 0;
   for (size_t i = 0; i < experts.size(); ++i) total += count[i] = (rows_of(i) + kTileRows - 1) / kTileRows;
   const int64_t threads = at::get_num_threads();
@@ -91,14 +92,13 @@ std::vector<Tile> tiles_of(const std::vector<int64_t>& offsets, const std::vecto
     for (size_t i = 1; i < experts.size(); ++i) {
       if (rows_of(i) * count[widest] > rows_of(widest) * count[i]) widest = i;
     }
-    if (experts.empty() || rows_of(widest) <= width * count[widest]) break;  // each tile is one register
+    if (rows_of(widest) <= width * count[widest]) break;  // each tile is one register
     ++count[widest];
   }
   std::vector<Tile> tiles;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int64_t rows = rows_of(i);
-    const int64_t n = std::max<int64_t>(1, count[i]);  // (every expert here has rows)
-    const int64_t each = total > threads ? kTileRows : ((rows + n - 1) / n + width - 1) / width * width;
+    const int64_t each = total > threads ? kTileRows : ((rows + count[i] - 1) / count[i] + width - 1) / width * width;
     for (int64_t r = 0; r < rows; r += each) tiles.push_back({experts[i], offsets[experts[i]] + r, std::min(each, rows - r)});
   }
   return tiles;
