@@ -162,7 +162,7 @@ def company_news(w: World, r: random.Random, c: Company, q: int) -> str:
     )
 
 
-def company_visit(w: World, r: random.Random, c: Company, q: int) -> str:
+def company_visit(w: World, r: random.Random, c: Company) -> str:
     """A place and a partner that the world does not tie to the company, each named twice: the
     second mention can only be predicted by copying the first from the context (the ner task
     asks for exactly that: names as the sentence gives them, not as the world has them)."""
@@ -241,7 +241,7 @@ def role_document(w: World, r: random.Random, role: str) -> str:
     if role == "micro":
         # r.random() only where copy documents are asked for, so that the corpora stay as they were otherwise
         if cfg.copy_docs > 0 and r.random() < cfg.copy_docs:
-            return company_visit(w, r, c, q)
+            return company_visit(w, r, c)
         return r.choice([earnings_report, earnings_report, earnings_reaction, company_news])(w, r, c, q)
     day = r.randrange(MOMENTUM_WINDOW + 20, w.days - 1)
     return r.choice([market_commentary, momentum_note, momentum_note, correlation_note])(w, r, c, day)

@@ -2,7 +2,9 @@
 (FinBen conversation form, OpenAI messages form, text/JSONL/Parquet), recipes and metrics.
 All in-process and fast: no model is trained here."""
 import collections
+import hashlib
 import json
+import re
 
 import pytest
 
@@ -77,9 +79,6 @@ def test_corpora_are_varied_prose(world):
 
 
 def test_copy_documents_name_a_place_twice_and_leave_the_default_corpora_as_they_were():
-    import hashlib
-    import re
-
     small = dict(docs_per_role=60, economies=3, companies=6, quarters=8)
     digest = lambda w, role: hashlib.sha256("\n".join(prose.corpus(w, role, 3)).encode()).hexdigest()[:16]  # noqa: E731
     plain, copying = World(WorldConfig(**small), 3), World(WorldConfig(**small, copy_docs=0.3), 3)
