@@ -74,10 +74,9 @@ AVX512_BF16 double register_rate() {
 // Every weight row of a `rows` x D block against M batch rows, R rows a tile; best of 20 passes.
 template <int R, int MB>
 void stream(const char* name, int64_t D, int64_t rows, double peak) {
-  const int M = MB;
-  std::vector<uint16_t> w((rows + R) * D, 0x3f80), xs(M * D, 0x3f80);
-  std::vector<const uint16_t*> x(M);
-  for (int m = 0; m < M; ++m) x[m] = xs.data() + m * D;
+  std::vector<uint16_t> w((rows + R) * D, 0x3f80), xs(MB * D, 0x3f80);
+  std::vector<const uint16_t*> x(MB);
+  for (int m = 0; m < MB; ++m) x[m] = xs.data() + m * D;
   float out[R * MB];
   double best = 1e30;
   for (int pass = 0; pass < 20; ++pass) {
@@ -85,7 +84,7 @@ void stream(const char* name, int64_t D, int64_t rows, double peak) {
     for (int64_t o = 0; o + R <= rows; o += R) tile<R, MB>(w.data() + o * D, D, x.data(), out);
     best = std::min(best, now_ns() - t0);
   }
-  const double dp = double(rows) * M * (D / 32) / best;
+  const double dp = double(rows) * MB * (D / 32) / best;
   std::printf("%-6s D=%-5ld %5.0f KB of weights: %.2f vdpbf16ps/ns (%3.0f%% of peak), %5.1f GB/s of weights\n", name,
               static_cast<long>(D), rows * D * 2 / 1024.0, dp, 100 * dp / peak, rows * D * 2 / best);
 }
