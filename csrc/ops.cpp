@@ -118,6 +118,9 @@ std::string cpu_capability() {
                                                           : "BLAS";
   return cpu::isa_name() + ", fp32 training chunks: " + chunks +
          ", fp32 tiles: " + (cpu::tiled_f32_available() ? cpu::tiled_f32_kernel() : "none (ATen GEMM)") +
+         (cpu::row_by_row_rows() > 0 ? ", bf16 batches of up to " + std::to_string(cpu::row_by_row_rows()) +
+                                           " rows streamed one weight row at a time"
+                                     : std::string()) +
          ", bf16 weight streaming: " + (kernel.empty() ? "none (ATen GEMM)" : kernel);
 }
 

@@ -431,21 +431,55 @@ def test_a_streamed_token_does_not_depend_on_its_batch(cpu_ext, dtype):
     kernel = cpu_ext.cpu_capability().rpartition("streaming: ")[2] if dtype == torch.bfloat16 else "small_gemm_f32"
     if kernel.startswith("none"):
         pytest.skip("this CPU has no bf16 weight-streaming kernel")
+    outputs = _one_token_in_batches(dtype)
+    for T, out in outputs.items():
+        assert torch.equal(out, outputs[1].expand_as(out)), f"{kernel}: a token's output changed in a batch of {T}"
+
+
+STREAMED_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 13, 32)
+
+
+def _one_token_in_batches(dtype: torch.dtype) -> dict:
+    """{T: the CPU experts' output for one token repeated T times}, odd widths: tails of a vector
+    in both projections, leftover rows after whole tiles."""
     g = torch.Generator().manual_seed(0)
     H, I, E = (112, 72, 3) if dtype == torch.bfloat16 else (45, 23, 3)
     w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
     w_down = (torch.randn(E, H, I, generator=g) / 7).to(dtype)
     x_1H = torch.randn(1, H, generator=g).to(dtype)
     weights_1K = torch.tensor([[0.7, 0.3]])
+    return {T: torch.ops.finteam.moe_experts_fwd(x_1H.expand(T, H).contiguous(), torch.tensor([[2, 0]]).expand(T, 2),
+                                                 weights_1K.expand(T, 2), w_gate_up, w_down, "silu", False)[0]
+            for T in STREAMED_BATCHES}
 
-    def decode(T):
-        ids_TK = torch.tensor([[2, 0]]).expand(T, 2)
-        return cpu_ext.moe_experts_fwd(x_1H.expand(T, H).contiguous(), ids_TK, weights_1K.expand(T, 2), w_gate_up,
-                                       w_down, "silu", False)[0]
 
-    alone = decode(1)
-    for T in (2, 3, 4, 5, 6, 7, 8, 13, 32):
-        assert torch.equal(decode(T), alone.expand(T, H)), f"{kernel}: a token's output changed in a batch of {T}"
+def test_every_row_by_row_limit_gives_the_same_bits(cpu_ext):
+    # The vdpbf16ps kernel reads batches of up to 3 or 5 rows (per CPU) one weight row at a time,
+    # larger ones in tiles: with the limit forced to each value in a child process (it is read
+    # once), a token decodes to the same bits alone and in every batch, under every limit.
+    if not cpu_ext.cpu_capability().endswith("streaming: vdpbf16ps"):
+        pytest.skip("this CPU does not stream bf16 weights with vdpbf16ps")
+    code = """
+        import json, torch
+        from finteam_kernels import _ext
+        from test_ext import _one_token_in_batches
+        assert _ext.load("cpu").usable
+        print(torch.ops.finteam.cpu_capability())
+        print(json.dumps({T: out.float().tolist() for T, out in _one_token_in_batches(torch.bfloat16).items()}))
+    """
+    limits = range(6)
+    children = {limit: _start_child(code, {"FINTEAM_CPU_ROW_BY_ROW": str(limit)}) for limit in limits}
+    alone = _one_token_in_batches(torch.bfloat16)[1].float()
+    for limit, child in children.items():
+        capability, values = _last_two_lines(child)
+        rows = f"batches of up to {limit} rows streamed one weight row at a time"
+        assert (rows in capability) == (limit > 0), capability
+        for T, out in json.loads(values).items():
+            assert torch.equal(torch.tensor(out), alone.expand(int(T), -1)), f"limit {limit}: batch of {T} changed"
+    bad = _run_child("import torch; from finteam_kernels import _ext; _ext.load('cpu')\n"
+                     "try:\n    torch.ops.finteam.cpu_capability()\nexcept RuntimeError as e:\n    print(e)\nprint()",
+                     {"FINTEAM_CPU_ROW_BY_ROW": "6"})
+    assert "FINTEAM_CPU_ROW_BY_ROW must be an integer in [0, 5]; got '6'" in bad[0]
 
 
 def _lane_order_gemm(w_OD: torch.Tensor, x_MD: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@
 // not keep up with.
 // Per 32 weight elements and batch row a tile spends one vdpbf16ps, or two FMAs on weights
 // widened to fp32 (a shift and a mask per 32 weights, shared by the batch rows).
-// Batches of up to 5 rows take the vdpbf16ps kernel one weight row at a time instead
-// (DotTile::row_by_row): one stream read in memory order, which beats the tile's four.
+// Small batches take the vdpbf16ps kernel one weight row at a time instead
+// (DotTile::row_by_row): one stream read in memory order, which beats the tile's four where the
+// core's vdpbf16ps rate leaves room (up to 5 rows on Zen 5, 3 on Zen 4; row_by_row_rows()).
 #include "dot_bf16.h"
 
 #include <cstdlib>
@@ -34,6 +35,16 @@ namespace {
 bool has_amx_bf16() {
   unsigned a, b, c, d;
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) != 0;
+}
+
+// The CPU family of an AMD CPU (0x19 Zen 3/4, 0x1A Zen 5), 0 for other vendors.
+int amd_family() {
+  unsigned a, b, c, d;
+  __get_cpuid(0, &a, &b, &c, &d);
+  if (!(b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163)) return 0;  // "AuthenticAMD"
+  __get_cpuid(1, &a, &b, &c, &d);
+  const unsigned base = (a >> 8) & 0xF;
+  return static_cast<int>(base == 0xF ? base + ((a >> 20) & 0xFF) : base);
 }
 
 // Prefetches of a tile step at column d of its R rows: the next tile's rows into L2, and the
@@ -66,16 +77,36 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
   static constexpr int kMaxBatch = 4;
-  // Up to 5 batch rows read one weight row at a time, in memory order (row_by_row); from 6 on,
-  // tiles of 4 weight rows. On a 2-core AMD EPYC (family 26, Zen 5, AVX512-BF16; Mixtral-shaped
-  // experts, each call's time over a plain read of the same bytes in the same process, old and
-  // new builds alternating), against 4-row tiles from 2 batch rows on: T=8 0.97-0.98 of the read
-  // (0.87-0.92 before), T=16 0.85-0.95 (0.77-0.85), T=1 1.07-1.08 (0.97-1.04). The tiles' 4
-  // interleaved streams read memory slower than one: a 4-row tile against one batch row ran at
-  // 0.79 of the read, one row at a time at 1.01. With every expert at M rows, row by row against
-  // tiles: M=5 0.90-0.93 against 0.81-0.85, M=6 0.77 against 0.85, M=8 0.60 against 0.79 (a row
-  // spends M+1 loads on M vdpbf16ps, a tile 4+M on 4M).
-  static constexpr int kRowByRowBatch = 5;
+  static constexpr int kMaxRowByRow = 5;
+
+  // Batches of up to this many rows read one weight row at a time, in memory order (row_by_row);
+  // larger ones go in tiles of 4 weight rows. Both give the same bits. The tiles' 4 interleaved
+  // streams read memory slower than one, but a weight row against M batch rows runs only M
+  // dependent chains of vdpbf16ps, so the core's vdpbf16ps rate decides how far row by row pays.
+  // Measured with Mixtral-shaped experts, every expert at M rows, each call's time over a plain
+  // read of the same bytes in the same rounds, 2 threads:
+  //   AMD Zen 5 (family 26; 512-bit vdpbf16ps, 7.6 a ns a core): row by row against tiles at
+  //     M=5 0.90-0.93 of the read against 0.81-0.85, M=6 0.77 against 0.85, M=8 0.60 against
+  //     0.79 (a row spends M+1 loads on M vdpbf16ps, a tile 4+M on 4M): up to 5 rows.
+  //   AMD Zen 4 (family 25; 512-bit ops in two halves, 3.7 a ns a core, latency 1.64 ns; in cache
+  //     one row against 4 batch rows streams 34 GB/s a core, a 4-row tile 45-51): row by row
+  //     against tiles at M=1 0.93-1.06 against 0.69, M=2 0.86-0.90 against 0.72, M=3 0.77-0.82
+  //     against 0.71, M=4 0.59-0.65 against 0.74-0.75, M=5 0.47-0.48 against 0.75-0.77 (host
+  //     reading 39-51 GB/s): up to 3 rows, as on other CPUs with AVX512-BF16 and no AMX.
+  // FINTEAM_CPU_ROW_BY_ROW=0..5 sets another limit (to test each path on any CPU).
+  static int64_t row_by_row_rows() {
+    static const int64_t rows = [] {
+      if (const char* wanted = std::getenv("FINTEAM_CPU_ROW_BY_ROW")) {
+        char* end = nullptr;
+        const long value = std::strtol(wanted, &end, 10);
+        TORCH_CHECK(end != wanted && *end == '\0' && value >= 0 && value <= kMaxRowByRow,
+                    "FINTEAM_CPU_ROW_BY_ROW must be an integer in [0, ", kMaxRowByRow, "]; got '", wanted, "'");
+        return static_cast<int64_t>(value);
+      }
+      return int64_t{amd_family() >= 0x1A ? kMaxRowByRow : 3};
+    }();
+    return rows;
+  }
 
   // Rows [0, rows) of w against MB batch rows, one weight row at a time: a 1-row tile (run's
   // body) in a loop, so each output is the same sum as in the tiles (a token's bits do not depend
@@ -89,6 +120,7 @@ struct DotTile {
 
   static void rows(const uint16_t* w, int64_t ldw, int64_t D, int64_t rows, const uint16_t* const* x, int64_t M,
                    float* out, int64_t ldo) {
+    static_assert(kMaxRowByRow == 5);
     switch (M) {
       case 1: row_by_row<1>(w, ldw, D, rows, x, out, ldo); break;
       case 2: row_by_row<2>(w, ldw, D, rows, x, out, ldo); break;
@@ -144,7 +176,7 @@ struct DotTile {
 // rows stored as [16 even | 16 odd] per 32 elements.
 struct FmaTile {
   static constexpr int kMaxBatch = 4;
-  static constexpr int kRowByRowBatch = 0;  // one row's chain of two dependent FMAs per step is too slow
+  // No row_by_row: one row's chain of two dependent FMAs per step is too slow.
 
   template <int R, int MB>
   FINTEAM_AVX512 static inline __attribute__((always_inline)) void step(
@@ -188,7 +220,6 @@ struct FmaTile {
 // D % 16 weights is copied into a zero-padded block first (the batch rows are zero-padded).
 struct Avx2Tile {
   static constexpr int kMaxBatch = 2;
-  static constexpr int kRowByRowBatch = 0;
 
   template <int R, int MB>
   FINTEAM_AVX2 static inline __attribute__((always_inline)) void step(
@@ -261,12 +292,12 @@ void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const*
 }
 
 // Rows [o0, o1) of w: whole tiles of 4 rows, then single rows; or, for a batch of at most
-// Tile::kRowByRowBatch rows, Tile::rows one weight row at a time.
+// Tile::row_by_row_rows() rows, Tile::rows one weight row at a time.
 template <typename Tile>
 void stream(const uint16_t* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const uint16_t* const* x,
             const float* wide, int64_t ldx, int64_t M, float* out, int64_t ldo) {
-  if constexpr (Tile::kRowByRowBatch > 0) {
-    if (M <= Tile::kRowByRowBatch) return Tile::rows(w + o0 * ldw, ldw, D, o1 - o0, x, M, out, ldo);
+  if constexpr (requires { Tile::row_by_row_rows(); }) {
+    if (M <= Tile::row_by_row_rows()) return Tile::rows(w + o0 * ldw, ldw, D, o1 - o0, x, M, out, ldo);
   }
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) tile_rows<Tile, 4>(w + o * ldw, ldw, D, x, wide, ldx, M, out + (o - o0), ldo);
@@ -293,9 +324,12 @@ const char* streaming_kernel() {
   return kernel;
 }
 
+int64_t row_by_row_rows() { return std::string(streaming_kernel()) == "vdpbf16ps" ? DotTile::row_by_row_rows() : 0; }
+
 #else
 
 const char* streaming_kernel() { return ""; }
+int64_t row_by_row_rows() { return 0; }
 
 #endif
 

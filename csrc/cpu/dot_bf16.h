@@ -21,6 +21,11 @@ namespace finteam::cpu {
 const char* streaming_kernel();
 inline bool skinny_gemm_available() { return streaming_kernel()[0] != '\0'; }
 
+// Batches of up to this many rows the vdpbf16ps kernel reads one weight row at a time (one
+// memory stream), larger ones in tiles of 4 weight rows; the same bits either way. Chosen per CPU
+// (see DotTile::row_by_row_rows); FINTEAM_CPU_ROW_BY_ROW=0..5 sets it. 0 for the other kernels.
+int64_t row_by_row_rows();
+
 // Rows per expert up to which skinny_gemm_bf16 beats ATen's GEMM: 32 for the fma and avx2
 // kernels (beyond, their FMA rate binds); 96 for vdpbf16ps (on a 2-core AMD EPYC, Zen 4, with a
 // Mixtral-shaped layer timed interleaved: 13-20% faster than oneDNN at 48-64 rows, 3% at 96;
