@@ -92,7 +92,7 @@ struct DotTile {
   //     one row against 4 batch rows streams 34 GB/s a core, a 4-row tile 45-51): row by row
   //     against tiles at M=1 0.93-1.06 against 0.69, M=2 0.86-0.90 against 0.72, M=3 0.77-0.82
   //     against 0.71, M=4 0.59-0.65 against 0.74-0.75, M=5 0.47-0.48 against 0.75-0.77 (host
-  //     reading 39-51 GB/s): up to 3 rows, as on other CPUs with AVX512-BF16 and no AMX.
+  //     reading 39-51 GB/s): up to 3 rows. Other CPUs that take this kernel (unmeasured) get 3 too.
   // FINTEAM_CPU_ROW_BY_ROW=0..5 sets another limit (to test each path on any CPU).
   static int64_t row_by_row_rows() {
     static const int64_t rows = [] {
