@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "dot_amx.h"
 #include "vmath.h"
@@ -296,7 +297,7 @@ void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const*
 template <typename Tile>
 void stream(const uint16_t* w, int64_t ldw, int64_t D, int64_t o0, int64_t o1, const uint16_t* const* x,
             const float* wide, int64_t ldx, int64_t M, float* out, int64_t ldo) {
-  if constexpr (requires { Tile::row_by_row_rows(); }) {
+  if constexpr (std::is_same_v<Tile, DotTile>) {  // the only kernel with a row-by-row path
     if (M <= Tile::row_by_row_rows()) return Tile::rows(w + o0 * ldw, ldw, D, o1 - o0, x, M, out, ldo);
   }
   int64_t o = o0;
