@@ -66,6 +66,11 @@ namespace finteam::cpu {
 // environment variable FINTEAM_CPU_ISA can lower it (to test the fallbacks), never raise it.
 const std::string& isa_name();
 
+// The CPU's vendor and, on AMD, its family (0x19 Zen 3/4, 0x1A Zen 5; 0 elsewhere), from cpuid:
+// a few kernel choices depend on the microarchitecture, not only on the ISA level.
+bool intel_cpu();
+int amd_family();
+
 // Whether the hand-vectorised AVX-512 loops (vmath512.h) run: an AVX-512 CPU, unless
 // FINTEAM_CPU_ISA lowers the level.
 bool avx512_loops();

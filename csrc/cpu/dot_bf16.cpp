@@ -38,16 +38,6 @@ bool has_amx_bf16() {
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) != 0;
 }
 
-// The CPU family of an AMD CPU (0x19 Zen 3/4, 0x1A Zen 5), 0 for other vendors.
-int amd_family() {
-  unsigned a, b, c, d;
-  __get_cpuid(0, &a, &b, &c, &d);
-  if (!(b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163)) return 0;  // "AuthenticAMD"
-  __get_cpuid(1, &a, &b, &c, &d);
-  const unsigned base = (a >> 8) & 0xF;
-  return static_cast<int>(base == 0xF ? base + ((a >> 20) & 0xFF) : base);
-}
-
 // Prefetches of a tile step at column d of its R rows: the next tile's rows into L2, and the
 // tile's own rows a few lines ahead into L1. Prefetching the next tile straight into L1 left the
 // loads waiting. Measured on a 2-core AMD EPYC (Zen 4), the Mixtral-shaped experts timed

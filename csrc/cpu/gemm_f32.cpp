@@ -5,7 +5,6 @@
 #include <string>
 
 #if FINTEAM_X86
-#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -16,12 +15,6 @@ namespace {
 
 constexpr int kRows = 12;  // rows of C per register block
 constexpr int64_t kCols = 32;  // columns of C per register block: two vectors
-
-bool intel_cpu() {
-  unsigned a, b, c, d;
-  __get_cpuid(0, &a, &b, &c, &d);
-  return b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "GenuineIntel"
-}
 
 // C rows [0, R) at columns [n0, n0 + 32) (mask0 / mask1: the columns inside N of each vector).
 template <int R>

@@ -4,6 +4,10 @@
 
 #include "common.h"
 
+#if FINTEAM_X86
+#include <cpuid.h>
+#endif
+
 namespace finteam::cpu {
 namespace {
 
@@ -39,6 +43,40 @@ const std::string& isa_name() {
   static const std::string name = kNames[level()];
   return name;
 }
+
+#if FINTEAM_X86
+namespace {
+
+// cpuid leaf 0's vendor string, in its register order (ebx, edx, ecx).
+bool vendor_is(const char (&name)[13]) {
+  unsigned a, b, c, d;
+  __get_cpuid(0, &a, &b, &c, &d);
+  unsigned want[3];
+  __builtin_memcpy(want, name, 12);
+  return b == want[0] && d == want[1] && c == want[2];
+}
+
+}  // namespace
+
+bool intel_cpu() {
+  static const bool intel = vendor_is("GenuineIntel");
+  return intel;
+}
+
+int amd_family() {
+  static const int family = [] {
+    if (!vendor_is("AuthenticAMD")) return 0;
+    unsigned a, b, c, d;
+    __get_cpuid(1, &a, &b, &c, &d);
+    const unsigned base = (a >> 8) & 0xF;
+    return static_cast<int>(base == 0xF ? base + ((a >> 20) & 0xFF) : base);
+  }();
+  return family;
+}
+#else
+bool intel_cpu() { return false; }
+int amd_family() { return 0; }
+#endif
 
 bool avx512_loops() {
   static const bool on = FINTEAM_X86 && level() >= 2;
