@@ -1,0 +1,120 @@
+// The bf16 decode kernel's tiles (csrc/cpu/dot_bf16.cpp, vdpbf16ps) streaming their weights from
+// memory on two threads, against a plain read of the same bytes timed in the same rounds. Where
+// benchmarks/bf16_stream_step.cpp asks what one core's loop can do from cache, this asks what the
+// tiles keep of the memory's rate, per tile shape: R weight rows at a time by M batch rows (M > 4
+// in the kernel's two passes over a tile, 4 batch rows and then the rest; R < 4 in one pass).
+// Every shape gives each output the same chain of vdpbf16ps, so the same bits.
+//
+//   g++ -O3 -std=c++17 -pthread benchmarks/bf16_tiles_from_memory.cpp -o /tmp/bf16_tiles_from_memory
+//   /tmp/bf16_tiles_from_memory
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+namespace {
+
+double now_ns() { return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+volatile float sink;
+
+// R weight rows against MB batch rows, all of D, with the kernel's prefetches: the next tile's
+// rows into L2, the tile's own a few lines ahead into L1.
+template <int R, int MB>
+AVX512_BF16 __attribute__((noinline)) void tile(const uint16_t* w, int64_t D, const uint16_t* const* x, float* out) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t d = 0; d + 32 <= D; d += 32) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * D + d), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * D + d + 128), _MM_HINT_T0);
+    }
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * D + d);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x[m] + d);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+AVX512_BF16 __attribute__((noinline)) float read_all(const uint16_t* w, int64_t n) {
+  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
+  for (int64_t i = 0; i + 128 <= n; i += 128) {
+    a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_loadu_si512(w + i)));
+    b = _mm512_add_ps(b, _mm512_castsi512_ps(_mm512_loadu_si512(w + i + 32)));
+    c = _mm512_add_ps(c, _mm512_castsi512_ps(_mm512_loadu_si512(w + i + 64)));
+    d = _mm512_add_ps(d, _mm512_castsi512_ps(_mm512_loadu_si512(w + i + 96)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+
+// Every tile of a `rows` x D block: one pass of M batch rows, or (R = 4, M > 4) the kernel's two.
+template <int R, int M>
+void all_tiles(const uint16_t* w, int64_t D, int64_t rows, const uint16_t* const* x) {
+  float out[R * 8];
+  for (int64_t o = 0; o + R <= rows; o += R) {
+    if constexpr (R == 4 && M > 4) {
+      tile<R, 4>(w + o * D, D, x, out);
+      tile<R, M - 4>(w + o * D, D, x + 4, out);
+    } else {
+      tile<R, M>(w + o * D, D, x, out);
+    }
+  }
+  sink = out[0];
+}
+
+double on_two_threads(const std::function<void(int)>& f) {
+  const double t0 = now_ns();
+  std::thread other([&] { f(1); });
+  f(0);
+  other.join();
+  return now_ns() - t0;
+}
+
+}  // namespace
+
+int main() {
+  const int64_t bytes = int64_t{192} << 20;  // far beyond the last-level cache
+  std::vector<uint16_t> w(bytes / 2 + 64 * 4096);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<uint16_t>(0x3f80 + (i & 7));
+  std::vector<uint16_t> xs(2 * 8 * 4096, 0x3f80);
+  for (int64_t D : {1024, 3584}) {  // Mixtral's gate/up and down projections
+    const int64_t half = bytes / 2 / D / 8 * 8 / 2;  // weight rows a thread
+    const uint16_t* x[2][8];
+    for (int t = 0; t < 2; ++t)
+      for (int m = 0; m < 8; ++m) x[t][m] = xs.data() + (t * 8 + m) * 4096;
+    std::vector<std::pair<std::string, std::function<void(int)>>> cases;
+    cases.emplace_back("read", [&, D](int t) { sink = read_all(w.data() + t * half * D, half * D); });
+#define CASE(R, M) cases.emplace_back(#R " x " #M, [&, D](int t) { all_tiles<R, M>(w.data() + t * half * D, D, half, x[t]); })
+    CASE(1, 4); CASE(4, 4); CASE(4, 5); CASE(4, 6); CASE(4, 8); CASE(3, 5); CASE(3, 6); CASE(3, 8); CASE(2, 6); CASE(2, 8);
+#undef CASE
+    std::vector<std::vector<double>> ns(cases.size());
+    for (int round = 0; round < 9; ++round)  // interleaved: each round times every case once
+      for (size_t c = 0; c < cases.size(); ++c) ns[c].push_back(on_two_threads(cases[c].second));
+    std::vector<double> median(cases.size());
+    for (size_t c = 0; c < cases.size(); ++c) {
+      std::sort(ns[c].begin(), ns[c].end());
+      median[c] = ns[c][ns[c].size() / 2];
+    }
+    for (size_t c = 0; c < cases.size(); ++c)
+      std::printf("D=%-5ld %-6s %5.1f GB/s  %.2f of the read\n", static_cast<long>(D), cases[c].first.c_str(),
+                  2.0 * half * D * 2 / median[c], median[0] / median[c]);
+  }
+  return 0;
+}
