@@ -24,11 +24,15 @@ constexpr int64_t kChunkRows = 128;
 // the chunks', 1.52x at H=256 I=512 (1.5 MiB an expert), 1.38x at H=512 I=1024 (6 MiB), 1.10-1.18x
 // at H=1024 I=2816 (33 MiB); so no limit there.
 constexpr int64_t kMaxExpertBytes = int64_t{1} << 20;
-// A weight-gradient task writes this many of its rows (a reduction over all the expert's rows):
-// each task packs the expert's rows of its other operand again, so fewer and larger tasks do
-// better while the threads stay busy. Pass 2 at the tiny team's shape (2-core AMD EPYC): 2.83 ms
-// with 64 rows, 2.75 with 128, 2.62 with 256 or 512.
-constexpr int64_t kGradRowsPerTask = 256;
+// A weight-gradient task writes this many of its rows (a reduction over all the expert's rows).
+// Through the BLAS each task packs the expert's rows of its other operand again, so fewer and
+// larger tasks do better while the threads stay busy: pass 2 at the tiny team's shape (2-core AMD
+// EPYC, MKL's GEMM) took 2.83 ms with 64 rows, 2.75 with 128, 2.62 with 256 or 512. gemm_f32 packs
+// nothing, and there smaller tasks share the pass out more evenly (the tiny team's 3 experts give
+// 9 tasks of 256 rows, 30 of 64): the op's forward and backward at that shape on a 2-core AMD EPYC
+// (Zen 4), interleaved with 256 rows, took 0.969-0.981 of the time with 64 (32: 0.992, 96: 0.989,
+// 128: 0.995, 512: 1.033), the same bits.
+int64_t grad_rows_per_task() { return gemm_f32_enabled() ? 64 : 256; }
 
 // The Fortran BLAS interface: column-major, 32-bit sizes.
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -150,7 +154,7 @@ void chunked_backward_f32(const float* grad, int64_t ldg, const float* x, int64_
       });
   // Pass 2, by blocks of weight-gradient rows, each a sum over all the expert's rows:
   // dW_down = dout_w^T @ act, dW_gate_up = dh^T @ x.
-  const int64_t B = kGradRowsPerTask, down = (H + B - 1) / B, gate_up = (2 * I + B - 1) / B;
+  const int64_t B = grad_rows_per_task(), down = (H + B - 1) / B, gate_up = (2 * I + B - 1) / B;
   parallel_tasks(
       static_cast<int64_t>(experts.size()) * (down + gate_up), [] { return 0; },
       [&](int64_t task, int) {
