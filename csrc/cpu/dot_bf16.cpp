@@ -267,8 +267,9 @@ struct Avx2Tile {
 // One tile of R weight rows against every batch row, Tile::kMaxBatch batch rows at a time.
 // Past 4 batch rows a tile is read twice (the second time from cache). That beats one pass of fewer
 // weight rows against more batch rows (the same bits): benchmarks/bf16_tiles_from_memory.cpp on a
-// 2-core AMD EPYC (Zen 4), host reading 25-30 GB/s, at 8 batch rows 4 x 8 in two passes kept
-// 0.86-0.93 of the read, 3 x 8 in one 0.71-0.89, 2 x 8 0.62-0.79.
+// 2-core AMD EPYC (Zen 4), host reading 25-30 GB/s, three runs, at 8 batch rows 4 x 8 in two
+// passes kept 0.78-0.93 of the read, 3 x 8 in one 0.68-0.89, 2 x 8 0.62-0.79 (in each run and
+// width the same order).
 template <typename Tile, int R>
 void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x, const float* wide, int64_t ldx,
                int64_t M, float* out, int64_t ldo) {
