@@ -177,8 +177,9 @@ def test_moe_experts_fp32_inference_many_rows(backend, activation):
 def _fp32_training_case(g):
     """fp32 experts with grad at row counts around the cpu backend's chunks (128 rows) and the
     backward's few-row mixes (16), an empty expert, one streamed forward (17, 1, 6 rows);
-    2I=300 gives a whole weight-gradient block of 256 rows and 44 left over, H=131 only a part
-    of one; x and the incoming gradient with a row stride, tokens in shuffled order."""
+    2I=300 and H=131 end in a partial weight-gradient task both where they are 64 rows (gemm_f32:
+    300 = 4*64 + 44) and where they are 256 (the BLAS: 256 + 44, and 131 a part of one); x and
+    the incoming gradient with a row stride, tokens in shuffled order."""
     counts, H, I = [0, 17, 33, 64, 127, 128, 129, 257, 1, 40, 6], 131, 150
     x, ids, weights, w_gate_up, w_down = _many_rows_case(counts, H, I, g)
     grad_out = torch.randn(ids.shape[0], H + 3, generator=g)[:, 3:]
