@@ -18,40 +18,13 @@
 #include <thread>
 #include <vector>
 
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#include "bf16_tile.h"
 
 namespace {
 
 double now_ns() { return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 volatile float sink;
-
-// R weight rows against MB batch rows, all of D, with the kernel's prefetches: the next tile's
-// rows into L2, the tile's own a few lines ahead into L1.
-template <int R, int MB>
-AVX512_BF16 __attribute__((noinline)) void tile(const uint16_t* w, int64_t D, const uint16_t* const* x, float* out) {
-  __m512 acc[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t d = 0; d + 32 <= D; d += 32) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * D + d), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * D + d + 128), _MM_HINT_T0);
-    }
-    __m512i wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * D + d);
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      const __m512i xv = _mm512_loadu_si512(x[m] + d);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
 
 AVX512_BF16 __attribute__((noinline)) float read_all(const uint16_t* w, int64_t n) {
   __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
@@ -64,7 +37,8 @@ AVX512_BF16 __attribute__((noinline)) float read_all(const uint16_t* w, int64_t 
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 
-// Every tile of a `rows` x D block: one pass of M batch rows, or (R = 4, M > 4) the kernel's two.
+// Every tile (bf16_tile.h) of a `rows` x D block: one pass of M batch rows, or (R = 4, M > 4) the
+// kernel's two.
 template <int R, int M>
 void all_tiles(const uint16_t* w, int64_t D, int64_t rows, const uint16_t* const* x) {
   float out[R * 8];
