@@ -45,29 +45,19 @@ const std::string& isa_name() {
 }
 
 #if FINTEAM_X86
-namespace {
-
-// cpuid leaf 0's vendor string, in its register order (ebx, edx, ecx).
-bool vendor_is(const char (&name)[13]) {
-  unsigned a, b, c, d;
-  __get_cpuid(0, &a, &b, &c, &d);
-  unsigned want[3];
-  __builtin_memcpy(want, name, 12);
-  return b == want[0] && d == want[1] && c == want[2];
-}
-
-}  // namespace
-
+// The vendor from the same cpu model that __builtin_cpu_supports reads (detected_level); the
+// family from cpuid leaf 1, whose extended family GCC names only in newer releases (Zen 5).
 bool intel_cpu() {
-  static const bool intel = vendor_is("GenuineIntel");
-  return intel;
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
 }
 
 int amd_family() {
   static const int family = [] {
-    if (!vendor_is("AuthenticAMD")) return 0;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_is("amd")) return 0;
     unsigned a, b, c, d;
-    __get_cpuid(1, &a, &b, &c, &d);
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const unsigned base = (a >> 8) & 0xF;
     return static_cast<int>(base == 0xF ? base + ((a >> 20) & 0xFF) : base);
   }();
