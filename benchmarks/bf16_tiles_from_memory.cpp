@@ -1,8 +1,9 @@
 // The bf16 decode kernel's tiles (csrc/cpu/dot_bf16.cpp, vdpbf16ps) streaming their weights from
 // memory on two threads, against a plain read of the same bytes timed in the same rounds. Where
 // benchmarks/bf16_stream_step.cpp asks what one core's loop can do from cache, this asks what the
-// tiles keep of the memory's rate, per tile shape: R weight rows at a time by M batch rows (M > 4
-// in the kernel's two passes over a tile, 4 batch rows and then the rest; R < 4 in one pass).
+// tiles keep of the memory's rate, per tile shape: R weight rows at a time by M batch rows, in
+// passes of at most P batch rows over a tile (the kernel's P is 6; "4 x 8 by 4" is its earlier
+// split, 4 and 4).
 // Every shape gives each output the same chain of vdpbf16ps, so the same bits.
 //
 //   g++ -O3 -std=c++17 -pthread benchmarks/bf16_tiles_from_memory.cpp -o /tmp/bf16_tiles_from_memory
@@ -37,15 +38,15 @@ AVX512_BF16 __attribute__((noinline)) float read_all(const uint16_t* w, int64_t 
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 
-// Every tile (bf16_tile.h) of a `rows` x D block: one pass of M batch rows, or (R = 4, M > 4) the
-// kernel's two.
-template <int R, int M>
+// Every tile (bf16_tile.h) of a `rows` x D block: one pass of M batch rows, or two passes, P
+// batch rows and then the rest.
+template <int R, int M, int P = 6>
 void all_tiles(const uint16_t* w, int64_t D, int64_t rows, const uint16_t* const* x) {
   float out[R * 8];
   for (int64_t o = 0; o + R <= rows; o += R) {
-    if constexpr (R == 4 && M > 4) {
-      tile<R, 4>(w + o * D, D, x, out);
-      tile<R, M - 4>(w + o * D, D, x + 4, out);
+    if constexpr (M > P) {
+      tile<R, P>(w + o * D, D, x, out);
+      tile<R, M - P>(w + o * D, D, x + P, out);
     } else {
       tile<R, M>(w + o * D, D, x, out);
     }
@@ -78,6 +79,7 @@ int main() {
 #define CASE(R, M) cases.emplace_back(#R " x " #M, [&, D](int t) { all_tiles<R, M>(w.data() + t * half * D, D, half, x[t]); })
     CASE(1, 4); CASE(4, 4); CASE(4, 5); CASE(4, 6); CASE(4, 8); CASE(3, 5); CASE(3, 6); CASE(3, 8); CASE(2, 6); CASE(2, 8);
 #undef CASE
+    cases.emplace_back("4 x 8 by 4", [&, D](int t) { all_tiles<4, 8, 4>(w.data() + t * half * D, D, half, x[t]); });
     std::vector<std::vector<double>> ns(cases.size());
     for (int round = 0; round < 9; ++round)  // interleaved: each round times every case once
       for (size_t c = 0; c < cases.size(); ++c) ns[c].push_back(on_two_threads(cases[c].second));
@@ -87,7 +89,7 @@ int main() {
       median[c] = ns[c][ns[c].size() / 2];
     }
     for (size_t c = 0; c < cases.size(); ++c)
-      std::printf("D=%-5ld %-6s %5.1f GB/s  %.2f of the read\n", static_cast<long>(D), cases[c].first.c_str(),
+      std::printf("D=%-5ld %-10s %5.1f GB/s  %.2f of the read\n", static_cast<long>(D), cases[c].first.c_str(),
                   2.0 * half * D * 2 / median[c], median[0] / median[c]);
   }
   return 0;

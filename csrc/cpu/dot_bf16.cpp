@@ -1,11 +1,12 @@
-// The AVX-512 bf16 weight-streaming kernels (4 weight rows by up to 4 batch rows per tile), their
-// AVX2 form for CPUs without AVX-512 (4 by up to 2), and the choice between them and the AMX
-// kernel (dot_amx.cpp).
+// The AVX-512 bf16 weight-streaming kernels (4 weight rows by up to 6 batch rows per tile with
+// vdpbf16ps, by up to 4 on widened weights), their AVX2 form for CPUs without AVX-512 (4 by up
+// to 2), and the choice between them and the AMX kernel (dot_amx.cpp).
 //
 // Designed for memory-bound decode: every weight byte is read from memory once; a tile's 4
-// rows (4*D*2 bytes, 8 KB at D=1024) stay in L1 while each group of 4 batch rows passes over
-// them, so M batch rows cost M/4 passes over L1, not M passes over memory. 16 accumulators,
-// 4 (or 8 widened) weight and 1-2 batch registers fit the 32 zmm registers. Each tile
+// rows (4*D*2 bytes, 8 KB at D=1024) stay in L1 while each group of batch rows passes over
+// them, so M batch rows cost M/6 (or M/4) passes over L1, not M passes over memory. 24
+// accumulators, 4 weight and 1 batch register (or 16, 8 widened weights and 2 batch registers)
+// fit the 32 zmm registers. Each tile
 // prefetches the next one (see prefetch_tile), which a single core's hardware prefetcher does
 // not keep up with.
 // Per 32 weight elements and batch row a tile spends one vdpbf16ps, or two FMAs on weights
@@ -67,7 +68,7 @@ FINTEAM_AVX512 inline void store(__m512 (&acc)[R][MB], float* out, int64_t ldo) 
 
 // vdpbf16ps: pairs of bf16 products accumulate straight into fp32 lanes.
 struct DotTile {
-  static constexpr int kMaxBatch = 4;
+  static constexpr int kMaxBatch = 6;  // 24 accumulators: see tile_rows
   static constexpr int kMaxRowByRow = 5;
 
   // Batches of up to this many rows read one weight row at a time, in memory order (row_by_row);
@@ -75,7 +76,7 @@ struct DotTile {
   // streams read memory slower than one, but a weight row against M batch rows runs only M
   // dependent chains of vdpbf16ps, so the core's vdpbf16ps rate decides how far row by row pays.
   // Measured with Mixtral-shaped experts, every expert at M rows, each call's time over a plain
-  // read of the same bytes in the same rounds, 2 threads:
+  // read of the same bytes in the same rounds, 2 threads (the tiles then in passes of 4 batch rows):
   //   AMD Zen 5 (family 26; 512-bit vdpbf16ps, 7.6 a ns a core): row by row against tiles at
   //     M=5 0.90-0.93 of the read against 0.81-0.85, M=6 0.77 against 0.85, M=8 0.60 against
   //     0.79 (a row spends M+1 loads on M vdpbf16ps, a tile 4+M on 4M): up to 5 rows.
@@ -264,16 +265,23 @@ struct Avx2Tile {
   }
 };
 
-// One tile of R weight rows against every batch row, Tile::kMaxBatch batch rows at a time.
-// Past 4 batch rows a tile is read twice (the second time from cache). That beats one pass of fewer
-// weight rows against more batch rows (the same bits): benchmarks/bf16_tiles_from_memory.cpp on a
-// 2-core AMD EPYC (Zen 4), host reading 25-30 GB/s, three runs, at 8 batch rows 4 x 8 in two
-// passes kept 0.78-0.93 of the read, 3 x 8 in one 0.68-0.89, 2 x 8 0.62-0.79 (in each run and
-// width the same order).
+// One tile of R weight rows against every batch row, Tile::kMaxBatch batch rows at a time: past
+// that a tile is read again (from cache) for the next batch rows. Every split gives each output
+// the same sum, so the same bits.
+// - Fewer weight rows against more batch rows in one pass lose: benchmarks/bf16_tiles_from_memory.cpp
+//   on a 2-core AMD EPYC (Zen 4), host reading 25-30 GB/s, three runs, at 8 batch rows 4 x 8 in
+//   two passes kept 0.78-0.93 of the read, 3 x 8 in one 0.68-0.89, 2 x 8 0.62-0.79.
+// - Passes of up to 6 batch rows for vdpbf16ps (up to 4 before) read the tile from cache fewer
+//   times. The pass over cache leaves the memory idle, which costs most when memory is fast.
+//   Mixtral-shaped experts on the same CPU, every expert at M rows, timed interleaved with
+//   passes of 4 (same bits), time with 6 over time with 4: M=5 1.01 (host reading 33 GB/s) and
+//   0.96 (52 GB/s), M=6 0.98-0.99 and 0.86, M=7 0.97, M=8 0.97-0.98, M=12 0.92, the benchmark's
+//   T=16 routing 1.00 and 0.96-0.97. 4 x 7 would need 33 registers.
 template <typename Tile, int R>
 void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const* x, const float* wide, int64_t ldx,
                int64_t M, float* out, int64_t ldo) {
   constexpr int B = Tile::kMaxBatch;
+  static_assert(B <= 6, "tile_rows runs up to 6 batch rows a pass");
   for (int64_t m0 = 0; m0 < M; m0 += B) {
     const uint16_t* const* xm = x != nullptr ? x + m0 : nullptr;
     const float* wm = wide != nullptr ? wide + m0 * ldx : nullptr;
@@ -282,7 +290,9 @@ void tile_rows(const uint16_t* w, int64_t ldw, int64_t D, const uint16_t* const*
       case 1: Tile::template run<R, 1>(w, ldw, D, xm, wm, ldx, o, ldo); break;
       case 2: Tile::template run<R, 2>(w, ldw, D, xm, wm, ldx, o, ldo); break;
       case 3: if constexpr (B >= 3) Tile::template run<R, 3>(w, ldw, D, xm, wm, ldx, o, ldo); break;
-      default: if constexpr (B >= 4) Tile::template run<R, 4>(w, ldw, D, xm, wm, ldx, o, ldo); break;
+      case 4: if constexpr (B >= 4) Tile::template run<R, 4>(w, ldw, D, xm, wm, ldx, o, ldo); break;
+      case 5: if constexpr (B >= 5) Tile::template run<R, 5>(w, ldw, D, xm, wm, ldx, o, ldo); break;
+      default: if constexpr (B >= 6) Tile::template run<R, 6>(w, ldw, D, xm, wm, ldx, o, ldo); break;
     }
   }
 }
