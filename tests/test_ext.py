@@ -441,16 +441,59 @@ STREAMED_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 13, 32)
 
 def _one_token_in_batches(dtype: torch.dtype) -> dict:
     """{T: the CPU experts' output for one token repeated T times}, odd widths: tails of a vector
-    in both projections, leftover rows after whole tiles."""
+    in both projections, leftover rows after whole tiles. In bf16 the gate/up projection is one
+    that shows the order of its sums (_order_revealing_gate_up); fp32 outputs show it anyway."""
     g = torch.Generator().manual_seed(0)
     H, I, E = (112, 72, 3) if dtype == torch.bfloat16 else (45, 23, 3)
     w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
     w_down = (torch.randn(E, H, I, generator=g) / 7).to(dtype)
     x_1H = torch.randn(1, H, generator=g).to(dtype)
+    if dtype == torch.bfloat16:
+        x_1H, w_gate_up = _order_revealing_gate_up(H, 2 * I, E, g)
     weights_1K = torch.tensor([[0.7, 0.3]])
     return {T: torch.ops.finteam.moe_experts_fwd(x_1H.expand(T, H).contiguous(), torch.tensor([[2, 0]]).expand(T, 2),
                                                  weights_1K.expand(T, 2), w_gate_up, w_down, "silu", False)[0]
             for T in STREAMED_BATCHES}
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "fma", "vdpbf16ps"])
+def test_every_streaming_kernel_gives_a_token_the_same_bits_in_any_batch(cpu_ext, kernel):
+    # The test above runs the kernel this CPU picks; each kernel it can run besides (forced in a
+    # child process, as it is chosen once) splits a batch its own way: the AVX2 tiles take 2 batch
+    # rows a pass, the fma ones 4, vdpbf16ps 6. Each output must still be one sum in one order.
+    code = """
+        import json, torch
+        from finteam_kernels import _ext
+        from test_ext import _one_token_in_batches
+        assert _ext.load("cpu").usable
+        print(torch.ops.finteam.cpu_capability())
+        print(json.dumps({T: out.float().tolist() for T, out in _one_token_in_batches(torch.bfloat16).items()}))
+    """
+    capability, values = _run_child(code, {"FINTEAM_CPU_STREAMING": kernel})
+    if not capability.endswith(f"streaming: {kernel}"):
+        pytest.skip(f"this CPU cannot run the {kernel} kernel ({capability})")
+    outputs = {int(T): torch.tensor(out) for T, out in json.loads(values).items()}
+    for T, out in outputs.items():
+        assert torch.equal(out, outputs[1].expand_as(out)), f"{kernel}: a token's output changed in a batch of {T}"
+
+
+def _order_revealing_gate_up(H: int, O: int, E: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_1H and w_EOH in bf16 whose products a kernel cannot add in another order without other
+    bf16 bits in the output: with random values a change of order moves a sum by an fp32 ulp,
+    which the output's rounding to bf16 hides almost always.
+    Even elements: products of exactly +-2**14, of one sign within a SIMD lane (elements 2j and
+    2j+1 share lane j of every 16 x 2 or 8 x 2 elements in each streaming kernel) and of
+    alternating sign across lanes, so they cancel exactly in the total but make the partial
+    sums large. Odd elements: small random products, rounded into those large partials at their
+    precision, so that each order of adding gives its own result. A deliberate fault (another
+    order for one batch row's final reduction in every tile) changed the output in each of five
+    seeds, for each kernel; with random values, in none."""
+    d = torch.arange(H)
+    even = d % 2 == 0
+    lane_sign = torch.where((d // 2) % 2 == 0, 1.0, -1.0)
+    x_1H = torch.where(even, 128.0 * lane_sign, torch.randn(H, generator=g))[None]
+    w_EOH = torch.where(even, torch.tensor(128.0), torch.randn(E, O, H, generator=g))
+    return x_1H.to(torch.bfloat16), w_EOH.to(torch.bfloat16)
 
 
 def test_every_row_by_row_limit_gives_the_same_bits(cpu_ext):
