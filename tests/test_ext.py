@@ -456,20 +456,24 @@ def _one_token_in_batches(dtype: torch.dtype) -> dict:
             for T in STREAMED_BATCHES}
 
 
+# A child process's capability line and its _one_token_in_batches(bf16) outputs: the kernels are
+# chosen once per process, so each forced choice runs in its own.
+_BATCHES_IN_A_CHILD = """
+    import json, torch
+    from finteam_kernels import _ext
+    from test_ext import _one_token_in_batches
+    assert _ext.load("cpu").usable
+    print(torch.ops.finteam.cpu_capability())
+    print(json.dumps({T: out.float().tolist() for T, out in _one_token_in_batches(torch.bfloat16).items()}))
+"""
+
+
 @pytest.mark.parametrize("kernel", ["avx2", "fma", "vdpbf16ps"])
 def test_every_streaming_kernel_gives_a_token_the_same_bits_in_any_batch(cpu_ext, kernel):
     # The test above runs the kernel this CPU picks; each kernel it can run besides (forced in a
     # child process, as it is chosen once) splits a batch its own way: the AVX2 tiles take 2 batch
     # rows a pass, the fma ones 4, vdpbf16ps 6. Each output must still be one sum in one order.
-    code = """
-        import json, torch
-        from finteam_kernels import _ext
-        from test_ext import _one_token_in_batches
-        assert _ext.load("cpu").usable
-        print(torch.ops.finteam.cpu_capability())
-        print(json.dumps({T: out.float().tolist() for T, out in _one_token_in_batches(torch.bfloat16).items()}))
-    """
-    capability, values = _run_child(code, {"FINTEAM_CPU_STREAMING": kernel})
+    capability, values = _run_child(_BATCHES_IN_A_CHILD, {"FINTEAM_CPU_STREAMING": kernel})
     if not capability.endswith(f"streaming: {kernel}"):
         pytest.skip(f"this CPU cannot run the {kernel} kernel ({capability})")
     outputs = {int(T): torch.tensor(out) for T, out in json.loads(values).items()}
@@ -502,16 +506,8 @@ def test_every_row_by_row_limit_gives_the_same_bits(cpu_ext):
     # once), a token decodes to the same bits alone and in every batch, under every limit.
     if not cpu_ext.cpu_capability().endswith("streaming: vdpbf16ps"):
         pytest.skip("this CPU does not stream bf16 weights with vdpbf16ps")
-    code = """
-        import json, torch
-        from finteam_kernels import _ext
-        from test_ext import _one_token_in_batches
-        assert _ext.load("cpu").usable
-        print(torch.ops.finteam.cpu_capability())
-        print(json.dumps({T: out.float().tolist() for T, out in _one_token_in_batches(torch.bfloat16).items()}))
-    """
     limits = range(6)
-    children = {limit: _start_child(code, {"FINTEAM_CPU_ROW_BY_ROW": str(limit)}) for limit in limits}
+    children = {limit: _start_child(_BATCHES_IN_A_CHILD, {"FINTEAM_CPU_ROW_BY_ROW": str(limit)}) for limit in limits}
     alone = _one_token_in_batches(torch.bfloat16)[1].float()
     for limit, child in children.items():
         capability, values = _last_two_lines(child)
