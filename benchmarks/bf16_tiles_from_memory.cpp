@@ -1,9 +1,9 @@
 // The bf16 decode kernel's tiles (csrc/cpu/dot_bf16.cpp, vdpbf16ps) streaming their weights from
 // memory on two threads, against a plain read of the same bytes timed in the same rounds. Where
 // benchmarks/bf16_stream_step.cpp asks what one core's loop can do from cache, this asks what the
-// tiles keep of the memory's rate, per tile shape: R weight rows at a time by M batch rows, in
-// passes of at most P batch rows over a tile (the kernel's P is 6; "4 x 8 by 4" is its earlier
-// split, 4 and 4).
+// tiles keep of the memory's rate, per tile shape: R weight rows at a time by M batch rows (R = 4
+// in passes of at most P batch rows over a tile, the kernel's P = 6; "4 x 8 by 4" is its earlier
+// split, 4 and 4; R < 4 in one pass).
 // Every shape gives each output the same chain of vdpbf16ps, so the same bits.
 //
 //   g++ -O3 -std=c++17 -pthread benchmarks/bf16_tiles_from_memory.cpp -o /tmp/bf16_tiles_from_memory
@@ -38,13 +38,13 @@ AVX512_BF16 __attribute__((noinline)) float read_all(const uint16_t* w, int64_t 
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 
-// Every tile (bf16_tile.h) of a `rows` x D block: one pass of M batch rows, or two passes, P
-// batch rows and then the rest.
+// Every tile (bf16_tile.h) of a `rows` x D block: one pass of M batch rows, or (R = 4, M > P) the
+// kernel's two, P batch rows and then the rest.
 template <int R, int M, int P = 6>
 void all_tiles(const uint16_t* w, int64_t D, int64_t rows, const uint16_t* const* x) {
   float out[R * 8];
   for (int64_t o = 0; o + R <= rows; o += R) {
-    if constexpr (M > P) {
+    if constexpr (R == 4 && M > P) {
       tile<R, P>(w + o * D, D, x, out);
       tile<R, M - P>(w + o * D, D, x + P, out);
     } else {

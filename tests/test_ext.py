@@ -164,12 +164,13 @@ def test_results_do_not_depend_on_the_thread_count(cpu_ext):
     ids = torch.randint(0, 7, (20000, 2))
     logits = torch.randn(20000, 7)
     y = torch.randn(40000, 16)  # fp32: no rounding to bf16 hides another order of the combine's sums
+    y_bf16 = y.bfloat16()
     weights = torch.rand(20000, 2)
 
     def run():
         plan = cpu_ext.dispatch_fwd(ids, 7)
         return (*plan, *cpu_ext.router_losses_fwd(logits, ids, 7), cpu_ext.unpermute_fwd(y, plan[3], weights),
-                cpu_ext.unpermute_fwd(y.bfloat16(), plan[3], weights))
+                cpu_ext.unpermute_fwd(y_bf16, plan[3], weights))
 
     threads = torch.get_num_threads()
     try:
@@ -446,11 +447,11 @@ def _one_token_in_batches(dtype: torch.dtype) -> dict:
     that shows the order of its sums (_order_revealing_gate_up); fp32 outputs show it anyway."""
     g = torch.Generator().manual_seed(0)
     H, I, E = (112, 72, 3) if dtype == torch.bfloat16 else (45, 23, 3)
-    w_gate_up = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
     w_down = (torch.randn(E, H, I, generator=g) / 7).to(dtype)
-    x_1H = torch.randn(1, H, generator=g).to(dtype)
     if dtype == torch.bfloat16:
         x_1H, w_gate_up = _order_revealing_gate_up(H, 2 * I, E, g)
+    else:
+        x_1H, w_gate_up = torch.randn(1, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / 8
     weights_1K = torch.tensor([[0.7, 0.3]])
     return {T: torch.ops.finteam.moe_experts_fwd(x_1H.expand(T, H).contiguous(), torch.tensor([[2, 0]]).expand(T, 2),
                                                  weights_1K.expand(T, 2), w_gate_up, w_down, "silu", False)[0]
@@ -471,9 +472,10 @@ _BATCHES_IN_A_CHILD = """
 
 @pytest.mark.parametrize("kernel", ["avx2", "fma", "vdpbf16ps"])
 def test_every_streaming_kernel_gives_a_token_the_same_bits_in_any_batch(cpu_ext, kernel):
-    # The test above runs the kernel this CPU picks; each kernel it can run besides (forced in a
-    # child process, as it is chosen once) splits a batch its own way: the AVX2 tiles take 2 batch
-    # rows a pass, the fma ones 4, vdpbf16ps 6. Each output must still be one sum in one order.
+    # test_a_streamed_token_does_not_depend_on_its_batch runs the kernel this CPU picks; each
+    # kernel it can run besides (forced in a child process, as it is chosen once) splits a batch
+    # its own way: the AVX2 tiles take 2 batch rows a pass, the fma ones 4, vdpbf16ps 6. Each
+    # output must still be one sum in one order.
     capability, values = _run_child(_BATCHES_IN_A_CHILD, {"FINTEAM_CPU_STREAMING": kernel})
     if not capability.endswith(f"streaming: {kernel}"):
         pytest.skip(f"this CPU cannot run the {kernel} kernel ({capability})")
